@@ -13,6 +13,8 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from parallel.collectives import Bf16AllGather, Int8AllGather, Int8ReduceScatter, Int8ReplicaAllReduce
+from parallel.fsdp_hooks import install_all_gather, install_reduce_scatter, require_comm_hooks
 from train.config import ParallelConfig
 
 WIRE_DTYPES = ("int8", "bf16", "fp32")
@@ -40,16 +42,55 @@ def _check(pcfg: ParallelConfig) -> None:
 
 def shard_model(model: nn.Module, mesh: DeviceMesh, pcfg: ParallelConfig,
                 param_dtype: torch.dtype, reduce_dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Apply `fully_shard` to every `model.layers[i]` and to the root, in place; returns `model`."""
+    """Apply `fully_shard` to every `model.layers[i]` and to the root, in place, and install the
+    collectives `pcfg` asks for; returns `model`.
+
+    param_dtype: dtype of the unsharded parameters (compute); the sharded ones stay as built
+    (FP32 masters). reduce_dtype: gradient reduction dtype when reduce_scatter_dtype is int8
+    (the INT8 quantizer reads it; FP32 is the intended value).
+    """
     _check(pcfg)
+    int8_gather = pcfg.all_gather_dtype == "int8"
+    int8_reduce = pcfg.reduce_scatter_dtype == "int8"
+    # bf16 on the wire with fp32 compute needs a cast around the all-gather; fp32 on the wire
+    # with bf16 compute is FSDP's default bf16 all-gather, bitwise the same as gathering fp32
+    # and casting afterwards.
+    cast_gather = pcfg.all_gather_dtype == "bf16" and param_dtype != torch.bfloat16
+    if int8_gather or int8_reduce or cast_gather:
+        key = "parallel.all_gather_dtype" if (int8_gather or cast_gather) else "parallel.reduce_scatter_dtype"
+        require_comm_hooks(f"{key}='{getattr(pcfg, key.split('.')[1])}'")
     if pcfg.reduce_scatter_dtype == "bf16":
         reduce_dtype = torch.bfloat16
     elif pcfg.reduce_scatter_dtype == "fp32":
         reduce_dtype = torch.float32
+
+    # HSDP: FSDP's own cross-replica all-reduce cannot be replaced, so with INT8 gradients the
+    # model is sharded on the "dp_shard" sub-mesh and the replicas are summed by an INT8
+    # all-reduce hook instead (docs/parallel.md, "Many nodes").
+    shard_mesh, replica_group = mesh, None
+    if mesh.ndim == 2 and int8_reduce:
+        shard_mesh, replica_group = mesh["dp_shard"], mesh.get_group("dp_replicate")
+
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    for block in model.layers:
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=pcfg.reshard_after_forward)
+    modules = list(model.layers)
+    for block in modules:
+        fully_shard(block, mesh=shard_mesh, mp_policy=mp, reshard_after_forward=pcfg.reshard_after_forward)
     # The root holds embeddings, final norm and LM head; its parameters are needed again right
     # at the start of backward, so it never reshards after forward.
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    fully_shard(model, mesh=shard_mesh, mp_policy=mp, reshard_after_forward=False)
+    modules.append(model)
+
+    block = pcfg.comm_block_size
+    for module in modules:
+        if int8_gather:
+            install_all_gather(module, Int8AllGather(block))
+        elif cast_gather:
+            install_all_gather(module, Bf16AllGather())
+        if int8_reduce:
+            hook = None
+            if replica_group is not None:
+                hook = Int8ReplicaAllReduce(replica_group, block, pcfg.stochastic_rounding)
+            install_reduce_scatter(
+                module, Int8ReduceScatter(block, pcfg.stochastic_rounding, pcfg.error_feedback),
+                replicate_hook=hook, divide_factor=float(mesh.size()) if hook is not None else None)
     return model
