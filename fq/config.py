@@ -1,4 +1,4 @@
-"""FQConfig: the one frozen description of how Linear layers are quantized."""
+"""FQConfig: the one frozen description of how Linear layers are quantized (see docs/fq.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,26 +6,36 @@ from dataclasses import dataclass
 TILES = (32, 64, 128)
 FALLBACKS = ("threshold", "budget", "none")
 BACKENDS = ("auto", "triton", "reference")
+TAILS = ("fused", "separate")
 
 
 @dataclass(frozen=True)
 class FQConfig:
+    # False: every Linear stays a plain nn.Linear (BF16 under autocast); convert() is a no-op.
     enabled: bool = True
-    # Square tile edge of the block-level scales (activations and weights).
+    # Square tile edge: activation tiles are tested for outliers and fall back as a unit.
     tile: int = 128
-    # How activation tiles holding outliers are detected: a per-tile crest-factor threshold,
-    # a per-layer budget (fraction of tiles), or no fallback at all (plain block INT8).
+    # How outlier tiles are chosen: crest factor (absmax/rms) above `threshold`; "budget" also
+    # raises a layer's threshold on device while its fallback ratio exceeds `budget`; "none"
+    # disables fallback (plain row-scaled INT8, the ablation).
     fallback: str = "threshold"
+    # Crest-factor threshold; Gaussian 128x128 tiles sit near 4.5, GLU outlier tiles far above.
     threshold: float = 12.0
+    # Target fraction of fallback tiles per layer and GEMM for fallback="budget".
     budget: float = 0.05
-    # Per-GEMM switches: False keeps that backward GEMM in 16-bit.
+    # Per-GEMM switches: False keeps that backward GEMM in the compute dtype (BF16 on GPU).
     grad_input: bool = True
     grad_weight: bool = True
+    # Stochastic rounding when quantizing output gradients (unbiased, noisier).
     stochastic_rounding: bool = False
-    # Module-name globs (relative to the model) whose nn.Linear layers are converted.
+    # Module-name globs (relative to the model root) whose nn.Linear layers are converted.
     include: tuple[str, ...] = ("layers.*",)
+    # Globs removed from the include set (e.g. "layers.0.*").
     exclude: tuple[str, ...] = ()
+    # auto: Triton on CUDA with compute capability >= 8.0, else the pure-torch reference.
     backend: str = "auto"
+    # Where the Triton GEMM adds fallback tiles: inside the pipelined K loop or in a loop after it.
+    tail: str = "fused"
 
     def __post_init__(self):
         if self.tile not in TILES:
@@ -34,7 +44,13 @@ class FQConfig:
             raise ValueError(f"fq.fallback='{self.fallback}': must be one of {FALLBACKS}")
         if self.backend not in BACKENDS:
             raise ValueError(f"fq.backend='{self.backend}': must be one of {BACKENDS}")
-        if not self.threshold > 0:
-            raise ValueError(f"fq.threshold={self.threshold}: must be > 0")
-        if not 0.0 <= self.budget <= 1.0:
-            raise ValueError(f"fq.budget={self.budget}: must be in [0, 1]")
+        if self.tail not in TAILS:
+            raise ValueError(f"fq.tail='{self.tail}': must be one of {TAILS}")
+        if not self.threshold > 1.0:
+            raise ValueError(f"fq.threshold={self.threshold}: must be > 1 (a crest factor; 12 is a good start)")
+        if not 0.0 < self.budget <= 1.0:
+            raise ValueError(f"fq.budget={self.budget}: must be in (0, 1], e.g. 0.05")
+        for key in ("include", "exclude"):
+            globs = getattr(self, key)
+            if not isinstance(globs, tuple) or not all(isinstance(g, str) and g for g in globs):
+                raise ValueError(f"fq.{key}={globs!r}: must be a list of non-empty module-name globs, e.g. ['layers.*']")

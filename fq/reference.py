@@ -1,0 +1,224 @@
+"""Pure-torch FQ: the oracle the Triton kernels must match bit for bit, and the CPU path.
+
+Format (docs/fq.md): an activation operand A (M x K, K the contraction dim) is cut into square
+tiles. A tile whose crest factor absmax/rms exceeds the threshold "falls back". Plain tiles use a
+K-independent per-row scale s[m] computed without the fallback tiles, so the GEMM can apply
+row x column scales once, in the epilogue. A fallback tile is stored relative to that same row
+scale, z = a / s[m], as two INT8 digits with their own tile multipliers: z ~ c1*q + c2*q2
+(~15 bits). Weights are quantized per output row (forward) or per column (input gradient).
+
+Every function here is vectorized torch; integer GEMMs run in float64, which is exact for INT8
+products summed over K < 2**39 / 127**2.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+QMAX = 127.0
+# Entries of the per-call stats vector.
+STAT_FALLBACK, STAT_CRUSHED, STAT_SATURATED, STAT_NONFINITE = range(4)
+
+
+@dataclass
+class TileQuant:
+    """An activation operand quantized along its rows, with fallback tiles."""
+
+    q: torch.Tensor  # (M, K) int8: round(a / s[m]) in plain tiles, q1 in fallback tiles
+    q2: torch.Tensor  # (M, K) int8 residual digit; defined in fallback tiles only
+    scale: torch.Tensor  # (M,) fp32 row scale s[m]; NaN where the row holds NaN/Inf
+    flags: torch.Tensor  # (Mt, Kt) bool: fallback tiles
+    c1: torch.Tensor  # (Mt, Kt) fp32 tile multiplier of q (0 in plain tiles)
+    c2: torch.Tensor  # (Mt, Kt) fp32 tile multiplier of q2 (0 in plain tiles)
+    stats: torch.Tensor  # (4,) int64: fallback tiles, crushed tiles, saturated values, non-finite values
+    tile: int
+
+
+def num_tiles(n: int, tile: int) -> int:
+    return (n + tile - 1) // tile
+
+
+def _tiles(x: torch.Tensor, tile: int) -> torch.Tensor:
+    """(M, K) -> zero-padded fp32 view (Mt, T, Kt, T)."""
+    m, k = x.shape
+    mt, kt = num_tiles(m, tile), num_tiles(k, tile)
+    xp = torch.zeros(mt * tile, kt * tile, dtype=torch.float32, device=x.device)
+    xp[:m, :k] = x.float()
+    return xp.view(mt, tile, kt, tile)
+
+
+def _untile(xt: torch.Tensor, m: int, k: int) -> torch.Tensor:
+    mt, t, kt, _ = xt.shape
+    return xt.reshape(mt * t, kt * t)[:m, :k]
+
+
+def _per_tile(v: torch.Tensor) -> torch.Tensor:
+    """(Mt, Kt) -> broadcastable against (Mt, T, Kt, T)."""
+    return v[:, None, :, None]
+
+
+def round_half_even(z: torch.Tensor) -> torch.Tensor:
+    return torch.round(z)
+
+
+def _round(z: torch.Tensor, seed: int | None) -> torch.Tensor:
+    """Round to nearest even, or stochastically (floor(z + u), u ~ U[0, 1)) when a seed is given."""
+    if seed is None:
+        return round_half_even(z)
+    gen = torch.Generator(device=z.device).manual_seed(seed)
+    u = torch.rand(z.shape, generator=gen, device=z.device, dtype=torch.float32)
+    return torch.floor(z + u)
+
+
+def _to_int8(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clamp rounded values to [-127, 127]; also return how many were clamped."""
+    saturated = (r.abs() > QMAX).sum()
+    return r.clamp(-QMAX, QMAX).to(torch.int8), saturated
+
+
+def scales_from_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and inverse scale per row from its absmax (inf marks NaN/Inf in the row).
+
+    An all-zero row gets scale 1; a non-finite row gets scale NaN so the GEMM output of that row
+    is NaN rather than silently finite."""
+    pos = absmax > 0
+    scale = torch.where(pos, absmax / QMAX, torch.ones_like(absmax))
+    inv = torch.where(pos, QMAX / absmax, torch.ones_like(absmax))
+    scale = torch.where(torch.isinf(absmax), torch.full_like(absmax, float("nan")), scale)
+    return scale, inv
+
+
+def tile_stats(x: torch.Tensor, tile: int, threshold: torch.Tensor, base_threshold: float, fallback: bool):
+    """Per-(row, K-tile) absmax, fallback flags, and the counts of one pass over x (M, K).
+
+    Returns rowmax (M, Kt) fp32 (inf where a NaN/Inf sits), flags (Mt, Kt) bool, and stats (4,)
+    int64 with the saturated entry still 0 (quantization fills it)."""
+    m, k = x.shape
+    xt = _tiles(x, tile)
+    nonfinite = ~torch.isfinite(xt)
+    ax = torch.where(nonfinite, torch.zeros_like(xt), xt.abs())
+    rowmax = torch.where(nonfinite, torch.full_like(xt, float("inf")), ax).amax(dim=3)  # (Mt, T, Kt)
+    amax = ax.amax(dim=(1, 3))
+    sumsq = (ax * ax).sum(dim=(1, 3))
+    rows = torch.clamp(m - torch.arange(rowmax.shape[0], device=x.device) * tile, max=tile)
+    cols = torch.clamp(k - torch.arange(rowmax.shape[2], device=x.device) * tile, max=tile)
+    count = (rows[:, None] * cols[None, :]).float()
+    tile_nonfinite = nonfinite.sum(dim=(1, 3))
+    finite = tile_nonfinite == 0
+    lhs = amax * amax * count
+
+    def over(thr):
+        thr = torch.as_tensor(thr, dtype=torch.float32, device=x.device)
+        return lhs > thr * thr * sumsq
+
+    flags = over(threshold) & finite if fallback else torch.zeros_like(finite)
+    crushed = over(base_threshold) & finite & ~flags
+    stats = torch.stack([flags.sum(), crushed.sum(), torch.zeros_like(flags.sum()), tile_nonfinite.sum()]).long()
+    rowmax = rowmax.reshape(-1, rowmax.shape[2])[:m]
+    return rowmax, flags, stats
+
+
+def row_scales(rowmax: torch.Tensor, flags: torch.Tensor, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row scale from the plain tiles only (fallback tiles carry their own multipliers)."""
+    flag_rows = flags.repeat_interleave(tile, dim=0)[: rowmax.shape[0]]
+    absmax = torch.where(flag_rows, torch.zeros_like(rowmax), rowmax).amax(dim=1)
+    return scales_from_absmax(absmax)
+
+
+def quantize_act(x: torch.Tensor, tile: int, threshold: torch.Tensor | float, base_threshold: float,
+                 fallback: bool, seed: int | None = None) -> TileQuant:
+    """Quantize an activation operand (M, K) along its rows, with fallback tiles."""
+    m, k = x.shape
+    rowmax, flags, stats = tile_stats(x, tile, threshold, base_threshold, fallback)
+    scale, inv = row_scales(rowmax, flags, tile)
+    mt, kt = flags.shape
+    inv_p = torch.ones(mt * tile, device=x.device)
+    inv_p[:m] = inv
+    xt = _tiles(x, tile)
+    z = xt * inv_p.view(mt, tile, 1, 1)
+    z = torch.where(torch.isfinite(z), z, torch.zeros_like(z))
+    f = _per_tile(flags)
+    az = z.abs().amax(dim=(1, 3))
+    c1 = torch.where(flags, az / QMAX, torch.zeros_like(az))
+    inv1 = torch.where(flags & (az > 0), QMAX / az, torch.ones_like(az))
+    r1 = _round(z * _per_tile(inv1), seed)
+    q, sat = _to_int8(r1)
+    resid = z - q.float() * _per_tile(c1)
+    ar = torch.where(f, resid.abs(), torch.zeros_like(resid)).amax(dim=(1, 3))
+    c2 = torch.where(flags, ar / QMAX, torch.zeros_like(ar))
+    inv2 = torch.where(flags & (ar > 0), QMAX / ar, torch.zeros_like(ar))
+    r2 = torch.where(f, _round(resid * _per_tile(inv2), None if seed is None else seed + 1), torch.zeros_like(resid))
+    q2, sat2 = _to_int8(r2)
+    stats = stats.clone()
+    stats[STAT_SATURATED] = sat + sat2
+    return TileQuant(_untile(q, m, k).contiguous(), _untile(q2, m, k).contiguous(), scale, flags, c1, c2,
+                     stats, tile)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row INT8 (weights in the forward GEMM): q (M, K) int8, scale (M,) fp32."""
+    xf = x.float()
+    absmax = torch.where(torch.isfinite(xf), xf.abs(), torch.full_like(xf, float("inf"))).amax(dim=1)
+    scale, inv = scales_from_absmax(absmax)
+    z = xf * inv[:, None]
+    z = torch.where(torch.isfinite(z), z, torch.zeros_like(z))
+    return round_half_even(z).clamp(-QMAX, QMAX).to(torch.int8), scale
+
+
+def quantize_cols_t(x: torch.Tensor, row_mult: torch.Tensor | None = None,
+                    seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column INT8 of (x * row_mult[:, None]), written transposed: q (N, M) int8, scale (N,).
+
+    Weights for the input-gradient GEMM (row_mult None), and the output gradient for the
+    weight-gradient GEMM with the activation row scales folded in (row_mult = s_x)."""
+    xf = x.float()
+    if row_mult is not None:
+        xf = xf * row_mult[:, None]
+    absmax = torch.where(torch.isfinite(xf), xf.abs(), torch.full_like(xf, float("inf"))).amax(dim=0)
+    scale, inv = scales_from_absmax(absmax)
+    z = xf * inv[None, :]
+    z = torch.where(torch.isfinite(z), z, torch.zeros_like(z))
+    q, _ = _to_int8(_round(z, seed))
+    return q.t().contiguous(), scale
+
+
+def tail_matrix(a: TileQuant) -> torch.Tensor:
+    """float64 (M, K): what fallback tiles add on top of the plain INT8 product of `a.q`."""
+    m, k = a.q.shape
+    t = a.tile
+    m1 = torch.where(a.flags, a.c1 - 1.0, torch.zeros_like(a.c1))
+    m2 = torch.where(a.flags, a.c2, torch.zeros_like(a.c2))
+    e1 = m1.repeat_interleave(t, 0).repeat_interleave(t, 1)[:m, :k].double()
+    e2 = m2.repeat_interleave(t, 0).repeat_interleave(t, 1)[:m, :k].double()
+    return e1 * a.q.double() + e2 * a.q2.double()
+
+
+def int_sums(a_q: torch.Tensor, b_q: torch.Tensor) -> torch.Tensor:
+    """Exact INT32 a_q @ b_q^T for int8 (M, K) and (N, K)."""
+    return (a_q.double() @ b_q.double().t()).to(torch.int32)
+
+
+def gemm_a_fallback(a: TileQuant, b_q: torch.Tensor, b_scale: torch.Tensor, out_dtype: torch.dtype,
+                    tail: str = "fused") -> torch.Tensor:
+    """C (M, N) = A B^T with fallback tiles on A (M, K); B given as int8 (N, K) + scale (N,).
+
+    Forward (A = X, B = W) and input gradient (A = dY, B = W^T quantized per column)."""
+    bd = b_q.double().t()
+    acc = a.q.double() @ bd + tail_matrix(a) @ bd
+    return (acc * a.scale.double()[:, None] * b_scale.double()[None, :]).to(out_dtype)
+
+
+def gemm_b_fallback(a_q: torch.Tensor, a_scale: torch.Tensor, b: TileQuant, out_dtype: torch.dtype,
+                    tail: str = "fused") -> torch.Tensor:
+    """C (N, K) = A B with fallback tiles on B (M, K); A given as int8 (N, M) + scale (N,).
+
+    Weight gradient dW = dY^T X, with X's row scales already folded into A."""
+    ad = a_q.double()
+    acc = ad @ b.q.double() + ad @ tail_matrix(b)
+    return (acc * a_scale.double()[:, None]).to(out_dtype)
+
+
+def dequantize(a: TileQuant) -> torch.Tensor:
+    """float32 (M, K) value the GEMMs see for a quantized activation."""
+    return ((a.q.double() + tail_matrix(a)) * a.scale.double()[:, None]).float()

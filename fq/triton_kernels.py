@@ -1,0 +1,351 @@
+"""Triton kernels for FQ: the GPU path. Same format and results as fq/reference.py.
+
+- `_act_stats_kernel` + `_act_quant_kernel`: one program per activation tile; the first pass
+  finds per-row absmax and the fallback flag (crest factor), torch reduces the row scales over the
+  plain tiles (tiny (M, Kt) array), the second pass writes INT8 digits and tile multipliers.
+- `_col_absmax_kernel` + `_col_quant_t_kernel`: per-column INT8 written transposed (weights for
+  the input gradient, the output gradient for the weight gradient).
+- `_fq_gemm_kernel`: INT8 tl.dot into one INT32 accumulator, row x column scales in the epilogue,
+  and the fallback tiles added into a float32 accumulator either inside the K loop (reusing the
+  loaded B tile) or in a loop after it.
+
+Each wrapper mirrors the reference function of the same name. Rounding: ties to even through the
+1.5 * 2**23 trick (exact IEEE float32 adds); divisions are div_rn; FMA contraction is off in the
+quantize kernels so residuals match torch bit for bit.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from fq.reference import TileQuant, num_tiles, row_scales, scales_from_absmax
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_NO_FMA = {} if INTERPRET else {"enable_fp_fusion": False}
+
+
+@triton.jit
+def _rint(z):
+    # Round to nearest, ties to even, for |z| < 2**22: IEEE float32 add does the rounding.
+    return (z + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def _round(z, seed, offs, STOCHASTIC: tl.constexpr):
+    if STOCHASTIC:
+        return tl.floor(z + tl.rand(seed, offs))
+    else:
+        return _rint(z)
+
+
+@triton.jit
+def _act_stats_kernel(x_ptr, s_xm, s_xk, M, K, KT, thr_ptr, base_thr, rowmax_ptr, flags_ptr, stats_ptr,
+                      TILE: tl.constexpr, FALLBACK: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_m * TILE + tl.arange(0, TILE)
+    cols = pid_k * TILE + tl.arange(0, TILE)
+    mask = (rows[:, None] < M) & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None] * s_xm + cols[None, :] * s_xk, mask=mask, other=0.0).to(tl.float32)
+    ax = tl.abs(x)
+    nonfinite = (x != x) | (ax == float("inf"))
+    ax = tl.where(nonfinite, 0.0, ax)
+    rowmax = tl.max(tl.where(nonfinite, float("inf"), ax), axis=1)
+    tl.store(rowmax_ptr + rows * KT + pid_k, rowmax, mask=rows < M)
+    amax = tl.max(tl.max(ax, axis=1), axis=0)
+    sumsq = tl.sum(tl.sum(ax * ax, axis=1), axis=0)
+    count = (tl.minimum(M - pid_m * TILE, TILE) * tl.minimum(K - pid_k * TILE, TILE)).to(tl.float32)
+    n_nonfinite = tl.sum(tl.sum(nonfinite.to(tl.int32), axis=1), axis=0)
+    lhs = amax * amax * count
+    thr = tl.load(thr_ptr)
+    finite = n_nonfinite == 0
+    flag = (lhs > thr * thr * sumsq) & finite
+    if not FALLBACK:
+        flag = flag & False
+    crushed = (lhs > base_thr * base_thr * sumsq) & finite & (~flag)
+    tl.store(flags_ptr + pid_m * KT + pid_k, flag.to(tl.int8))
+    tl.atomic_add(stats_ptr + 0, flag.to(tl.int32))
+    tl.atomic_add(stats_ptr + 1, crushed.to(tl.int32))
+    tl.atomic_add(stats_ptr + 3, n_nonfinite)
+
+
+@triton.jit
+def _act_quant_kernel(x_ptr, s_xm, s_xk, M, K, KT, inv_ptr, flags_ptr, q_ptr, q2_ptr, c1_ptr, c2_ptr, stats_ptr,
+                      seed, TILE: tl.constexpr, STOCHASTIC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_m * TILE + tl.arange(0, TILE)
+    cols = pid_k * TILE + tl.arange(0, TILE)
+    mask = (rows[:, None] < M) & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None] * s_xm + cols[None, :] * s_xk, mask=mask, other=0.0).to(tl.float32)
+    inv = tl.load(inv_ptr + rows, mask=rows < M, other=1.0)
+    z = x * inv[:, None]
+    z = tl.where((z == z) & (tl.abs(z) < float("inf")), z, 0.0)
+    flag = tl.load(flags_ptr + pid_m * KT + pid_k) != 0
+    az = tl.max(tl.max(tl.abs(z), axis=1), axis=0)
+    c1 = tl.where(flag, tl.math.div_rn(az, 127.0), 0.0)
+    inv1 = tl.where(flag & (az > 0), tl.math.div_rn(127.0, az), 1.0)
+    offs = rows[:, None] * K + cols[None, :]
+    r1 = _round(z * inv1, seed, offs, STOCHASTIC)
+    n_sat = tl.sum(tl.sum((tl.abs(r1) > 127.0).to(tl.int32), axis=1), axis=0)
+    q = tl.minimum(tl.maximum(r1, -127.0), 127.0)
+    tl.store(q_ptr + rows[:, None] * K + cols[None, :], q.to(tl.int8), mask=mask)
+    if flag:
+        resid = z - q * c1
+        ar = tl.max(tl.max(tl.abs(resid), axis=1), axis=0)
+        c2 = tl.math.div_rn(ar, 127.0)
+        inv2 = tl.where(ar > 0, tl.math.div_rn(127.0, ar), 0.0)
+        r2 = _round(resid * inv2, seed + 1, offs, STOCHASTIC)
+        n_sat += tl.sum(tl.sum((tl.abs(r2) > 127.0).to(tl.int32), axis=1), axis=0)
+        q2 = tl.minimum(tl.maximum(r2, -127.0), 127.0)
+        tl.store(q2_ptr + rows[:, None] * K + cols[None, :], q2.to(tl.int8), mask=mask)
+    else:
+        c2 = 0.0
+    tl.store(c1_ptr + pid_m * KT + pid_k, c1)
+    tl.store(c2_ptr + pid_m * KT + pid_k, c2)
+    tl.atomic_add(stats_ptr + 2, n_sat)
+
+
+@triton.jit
+def _col_absmax_kernel(x_ptr, s_xm, s_xn, mult_ptr, M, N, part_ptr,
+                       HAS_MULT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    y = tl.load(x_ptr + rows[:, None] * s_xm + cols[None, :] * s_xn, mask=mask, other=0.0).to(tl.float32)
+    if HAS_MULT:
+        y = y * tl.load(mult_ptr + rows, mask=rows < M, other=1.0)[:, None]
+    ay = tl.abs(y)
+    ay = tl.where((y != y) | (ay == float("inf")), float("inf"), ay)
+    tl.store(part_ptr + pid_m * N + cols, tl.max(ay, axis=0), mask=cols < N)
+
+
+@triton.jit
+def _col_quant_t_kernel(x_ptr, s_xm, s_xn, mult_ptr, inv_ptr, M, N, qt_ptr, seed,
+                        HAS_MULT: tl.constexpr, STOCHASTIC: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    y = tl.load(x_ptr + rows[:, None] * s_xm + cols[None, :] * s_xn, mask=mask, other=0.0).to(tl.float32)
+    if HAS_MULT:
+        y = y * tl.load(mult_ptr + rows, mask=rows < M, other=1.0)[:, None]
+    z = y * tl.load(inv_ptr + cols, mask=cols < N, other=1.0)[None, :]
+    z = tl.where((z == z) & (tl.abs(z) < float("inf")), z, 0.0)
+    r = _round(z, seed, rows[:, None] * N + cols[None, :], STOCHASTIC)
+    q = tl.minimum(tl.maximum(r, -127.0), 127.0).to(tl.int8)
+    tl.store(qt_ptr + cols[None, :] * M + rows[:, None], q, mask=mask)
+
+
+@triton.jit
+def _tail_step(acc_f, a, b, r_ptr, rr0, rr1, s_r0, s_r1, rmask, flags_ptr, c1_ptr, c2_ptr, fidx, fmask,
+               FB: tl.constexpr):
+    """Add the fallback digits of one K step: (c1 - 1) * a.b + c2 * residual.b (A side) or the
+    same with the residual on B; rows/columns of plain tiles get multiplier 0."""
+    f = tl.load(flags_ptr + fidx, mask=fmask, other=0)
+    if tl.max(f.to(tl.int32), axis=0) != 0:
+        on = f != 0
+        m1 = tl.where(on, tl.load(c1_ptr + fidx, mask=fmask, other=1.0) - 1.0, 0.0)
+        m2 = tl.where(on, tl.load(c2_ptr + fidx, mask=fmask, other=0.0), 0.0)
+        r = tl.load(r_ptr + rr0[:, None] * s_r0 + rr1[None, :] * s_r1, mask=rmask, other=0)
+        if FB == 1:
+            acc_f += m1[:, None] * tl.dot(a, b, out_dtype=tl.int32).to(tl.float32)
+            acc_f += m2[:, None] * tl.dot(r, b, out_dtype=tl.int32).to(tl.float32)
+        else:
+            acc_f += m1[None, :] * tl.dot(a, b, out_dtype=tl.int32).to(tl.float32)
+            acc_f += m2[None, :] * tl.dot(a, r, out_dtype=tl.int32).to(tl.float32)
+    return acc_f
+
+
+@triton.jit
+def _fq_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, r_ptr, flags_ptr, c1_ptr, c2_ptr,
+                    M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn, s_r0, s_r1, s_f0, s_f1,
+                    TILE: tl.constexpr, FB: tl.constexpr, FUSED: tl.constexpr, HAS_SB: tl.constexpr,
+                    RAW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """C = (A B) * sa[:, None] * sb[None, :] with INT8 A (M, K), B (K, N); fallback tiles on A
+    (FB=1, flags indexed [m // TILE, k // TILE]) or on B (FB=2, flags [k // TILE, n // TILE])."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rm[:, None] * s_am + rk[None, :] * s_ak
+    b_ptrs = b_ptr + rk[:, None] * s_bk + rn[None, :] * s_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    acc_f = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        amask = (rm[:, None] < M) & (rk[None, :] < K - k0)
+        bmask = (rk[:, None] < K - k0) & (rn[None, :] < N)
+        a = tl.load(a_ptrs, mask=amask, other=0)
+        b = tl.load(b_ptrs, mask=bmask, other=0)
+        if FUSED:
+            if FB == 1:
+                acc_f = _tail_step(acc_f, a, b, r_ptr, rm, k0 + rk, s_r0, s_r1, amask, flags_ptr, c1_ptr, c2_ptr,
+                                   (rm // TILE) * s_f0 + (k0 // TILE) * s_f1, rm < M, FB)
+            if FB == 2:
+                acc_f = _tail_step(acc_f, a, b, r_ptr, k0 + rk, rn, s_r0, s_r1, bmask, flags_ptr, c1_ptr, c2_ptr,
+                                   (k0 // TILE) * s_f0 + (rn // TILE) * s_f1, rn < N, FB)
+        acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K * s_ak
+        b_ptrs += BLOCK_K * s_bk
+    if not FUSED:
+        if FB != 0:
+            for k0 in range(0, K, BLOCK_K):
+                kt = k0 // TILE
+                if FB == 1:
+                    fidx = (rm // TILE) * s_f0 + kt * s_f1
+                    fmask = rm < M
+                else:
+                    fidx = kt * s_f0 + (rn // TILE) * s_f1
+                    fmask = rn < N
+                f = tl.load(flags_ptr + fidx, mask=fmask, other=0)
+                if tl.max(f.to(tl.int32), axis=0) != 0:
+                    amask = (rm[:, None] < M) & (rk[None, :] < K - k0)
+                    bmask = (rk[:, None] < K - k0) & (rn[None, :] < N)
+                    a = tl.load(a_ptr + rm[:, None] * s_am + (k0 + rk)[None, :] * s_ak, mask=amask, other=0)
+                    b = tl.load(b_ptr + (k0 + rk)[:, None] * s_bk + rn[None, :] * s_bn, mask=bmask, other=0)
+                    if FB == 1:
+                        acc_f = _tail_step(acc_f, a, b, r_ptr, rm, k0 + rk, s_r0, s_r1, amask, flags_ptr, c1_ptr,
+                                           c2_ptr, fidx, fmask, FB)
+                    else:
+                        acc_f = _tail_step(acc_f, a, b, r_ptr, k0 + rk, rn, s_r0, s_r1, bmask, flags_ptr, c1_ptr,
+                                           c2_ptr, fidx, fmask, FB)
+    cmask = (rm[:, None] < M) & (rn[None, :] < N)
+    c_ptrs = c_ptr + rm[:, None] * s_cm + rn[None, :] * s_cn
+    if RAW:
+        tl.store(c_ptrs, acc, mask=cmask)
+    else:
+        sa = tl.load(sa_ptr + rm, mask=rm < M, other=0.0)
+        out = (acc.to(tl.float32) + acc_f) * sa[:, None]
+        if HAS_SB:
+            out = out * tl.load(sb_ptr + rn, mask=rn < N, other=0.0)[None, :]
+        tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=cmask)
+
+
+def _gemm_configs(tile: int) -> list:
+    shapes = [(128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 4), (128, 256, 64, 4, 8),
+              (128, 128, 64, 4, 4), (64, 64, 32, 4, 4)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
+            for bm, bn, bk, s, w in shapes if tile % bk == 0]
+
+
+_TUNED: dict[int, object] = {}
+
+
+def _gemm_launcher(tile: int):
+    if INTERPRET:
+        return _fq_gemm_kernel, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": min(tile, 64), "GROUP_M": 4}
+    if tile not in _TUNED:
+        _TUNED[tile] = triton.autotune(_gemm_configs(tile), key=["M", "N", "K", "FB", "FUSED", "HAS_SB", "RAW"])(
+            _fq_gemm_kernel)
+    return _TUNED[tile], {}
+
+
+def _gemm(a, a_strides, b, b_strides, m, n, k, sa, sb, fb, fallback: TileQuant | None, r_strides, f_strides,
+          out_dtype, tail: str, tile: int):
+    c = torch.empty(m, n, dtype=out_dtype, device=a.device)
+    kernel, meta = _gemm_launcher(tile)
+    dummy = a
+    grid = lambda cfg: (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    kernel[grid](a, b, c, sa, sb if sb is not None else sa,
+                 fallback.q2 if fallback is not None else dummy,
+                 fallback.flags if fallback is not None else dummy,
+                 fallback.c1 if fallback is not None else sa,
+                 fallback.c2 if fallback is not None else sa,
+                 m, n, k, a_strides[0], a_strides[1], b_strides[0], b_strides[1], c.stride(0), c.stride(1),
+                 r_strides[0], r_strides[1], f_strides[0], f_strides[1],
+                 TILE=tile, FB=fb, FUSED=(tail == "fused"), HAS_SB=sb is not None, RAW=out_dtype == torch.int32,
+                 **meta)
+    return c
+
+
+def gemm_a_fallback(a: TileQuant, b_q: torch.Tensor, b_scale: torch.Tensor, out_dtype: torch.dtype,
+                    tail: str = "fused") -> torch.Tensor:
+    m, k = a.q.shape
+    n = b_q.shape[0]
+    fb = 1 if a.flags.numel() else 0
+    return _gemm(a.q, (a.q.stride(0), a.q.stride(1)), b_q, (b_q.stride(1), b_q.stride(0)), m, n, k,
+                 a.scale, b_scale, fb, a, (a.q2.stride(0), a.q2.stride(1)), (a.flags.stride(0), a.flags.stride(1)),
+                 out_dtype, tail, a.tile)
+
+
+def gemm_b_fallback(a_q: torch.Tensor, a_scale: torch.Tensor, b: TileQuant, out_dtype: torch.dtype,
+                    tail: str = "fused") -> torch.Tensor:
+    n, m = a_q.shape
+    k = b.q.shape[1]
+    return _gemm(a_q, (a_q.stride(0), a_q.stride(1)), b.q, (b.q.stride(0), b.q.stride(1)), n, k, m,
+                 a_scale, None, 2, b, (b.q2.stride(0), b.q2.stride(1)), (b.flags.stride(0), b.flags.stride(1)),
+                 out_dtype, tail, b.tile)
+
+
+def int_sums(a_q: torch.Tensor, b_q: torch.Tensor) -> torch.Tensor:
+    """Exact INT32 a_q @ b_q^T through the GEMM kernel's INT32 accumulator (for tests)."""
+    m, k = a_q.shape
+    n = b_q.shape[0]
+    ones = torch.ones(max(m, n), dtype=torch.float32, device=a_q.device)
+    return _gemm(a_q, (a_q.stride(0), a_q.stride(1)), b_q, (b_q.stride(1), b_q.stride(0)), m, n, k, ones, None, 0,
+                 None, (0, 0), (0, 0), torch.int32, "separate", 128)
+
+
+def tile_stats(x: torch.Tensor, tile: int, threshold: torch.Tensor, base_threshold: float, fallback: bool):
+    m, k = x.shape
+    mt, kt = num_tiles(m, tile), num_tiles(k, tile)
+    rowmax = torch.empty(m, kt, dtype=torch.float32, device=x.device)
+    flags = torch.empty(mt, kt, dtype=torch.int8, device=x.device)
+    stats = torch.zeros(4, dtype=torch.int32, device=x.device)
+    thr = torch.as_tensor(threshold, dtype=torch.float32, device=x.device).reshape(1)
+    _act_stats_kernel[(mt, kt)](x, x.stride(0), x.stride(1), m, k, kt, thr, float(base_threshold), rowmax, flags,
+                                stats, TILE=tile, FALLBACK=fallback, num_warps=8 if tile == 128 else 4)
+    return rowmax, flags.bool(), stats
+
+
+def quantize_act(x: torch.Tensor, tile: int, threshold: torch.Tensor | float, base_threshold: float,
+                 fallback: bool, seed: int | None = None) -> TileQuant:
+    m, k = x.shape
+    rowmax, flags, stats = tile_stats(x, tile, threshold, base_threshold, fallback)
+    scale, inv = row_scales(rowmax, flags, tile)
+    mt, kt = flags.shape
+    q = torch.empty(m, k, dtype=torch.int8, device=x.device)
+    q2 = torch.empty(m, k, dtype=torch.int8, device=x.device)
+    c1 = torch.empty(mt, kt, dtype=torch.float32, device=x.device)
+    c2 = torch.empty(mt, kt, dtype=torch.float32, device=x.device)
+    _act_quant_kernel[(mt, kt)](x, x.stride(0), x.stride(1), m, k, kt, inv, flags, q, q2, c1, c2, stats,
+                                seed or 0, TILE=tile, STOCHASTIC=seed is not None,
+                                num_warps=8 if tile == 128 else 4, **_NO_FMA)
+    return TileQuant(q, q2, scale, flags, c1, c2, stats.long(), tile)
+
+
+def quantize_cols_t(x: torch.Tensor, row_mult: torch.Tensor | None = None,
+                    seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    m, n = x.shape
+    bm, bn = (64, 64) if INTERPRET else (32, 128)
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    part = torch.empty(grid[0], n, dtype=torch.float32, device=x.device)
+    mult = row_mult if row_mult is not None else part
+    _col_absmax_kernel[grid](x, x.stride(0), x.stride(1), mult, m, n, part, HAS_MULT=row_mult is not None,
+                             BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+    scale, inv = scales_from_absmax(part.amax(dim=0))
+    qt = torch.empty(n, m, dtype=torch.int8, device=x.device)
+    _col_quant_t_kernel[grid](x, x.stride(0), x.stride(1), mult, inv, m, n, qt, seed or 0,
+                              HAS_MULT=row_mult is not None, STOCHASTIC=seed is not None,
+                              BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+    return qt, scale
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_cols_t(x.t())
+
+
