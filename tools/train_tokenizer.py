@@ -82,9 +82,14 @@ def train_tokenizer(inputs: list[str], output: str, vocab_size: int, model_type:
         )
     except RuntimeError as e:
         msg = str(e)
-        if "Vocabulary size" in msg:
+        if "Vocabulary size too high" in msg:
             raise TokenizerError(f"vocab size {vocab_size} is too large for inputs {inputs}: "
                                  f"{msg.strip()}; use a smaller --vocab-size or more text") from e
+        if "smaller than required_chars" in msg:
+            raise TokenizerError(f"vocab size {vocab_size} is too small for the characters of "
+                                 f"inputs {inputs} (byte fallback needs 256 byte pieces + special "
+                                 f"ids + every frequent character): {msg.strip()}; use a larger "
+                                 f"--vocab-size") from e
         raise TokenizerError(f"sentencepiece failed on inputs {inputs}: {msg.strip()}") from e
     return f"{output}.model"
 
