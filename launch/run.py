@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.nnodes < 1:
             raise LaunchError(f"--nnodes {args.nnodes}: must be >= 1")
         node_rank = args.node_rank
-        if node_rank is None and args.nnodes > 1 and os.environ.get("SLURM_NODEID"):
+        if node_rank is None and args.rdzv_endpoint and os.environ.get("SLURM_NODEID"):
             node_rank = int(os.environ["SLURM_NODEID"])
         if args.rdzv_endpoint is not None:
             check_endpoint(args.rdzv_endpoint)
