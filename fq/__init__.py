@@ -1,1 +1,8 @@
-"""Fallback-quantized INT8 GEMMs for Linear layers (see ../shared/DESIGN.md, "FQ")."""
+"""Fallback-quantized INT8 GEMMs for Linear layers (docs/fq.md; ../shared/DESIGN.md, "FQ").
+
+Public API: FQConfig, FQLinear, convert(model, config), collect_stats(model, reset=True).
+"""
+from fq.config import FQConfig
+from fq.linear import FQLinear, collect_stats, convert
+
+__all__ = ["FQConfig", "FQLinear", "convert", "collect_stats"]

@@ -40,22 +40,30 @@ def num_tiles(n: int, tile: int) -> int:
 
 
 def _tiles(x: torch.Tensor, tile: int) -> torch.Tensor:
-    """(M, K) -> zero-padded fp32 view (Mt, T, Kt, T)."""
+    """(M, K) -> zero-padded fp32 tiles (Mt, Kt, T, T), contiguous so tile reductions are fast."""
     m, k = x.shape
     mt, kt = num_tiles(m, tile), num_tiles(k, tile)
     xp = torch.zeros(mt * tile, kt * tile, dtype=torch.float32, device=x.device)
-    xp[:m, :k] = x.float()
-    return xp.view(mt, tile, kt, tile)
+    xp[:m, :k] = x
+    return xp.view(mt, tile, kt, tile).transpose(1, 2).contiguous()
 
 
 def _untile(xt: torch.Tensor, m: int, k: int) -> torch.Tensor:
-    mt, t, kt, _ = xt.shape
-    return xt.reshape(mt * t, kt * t)[:m, :k]
+    mt, kt, t, _ = xt.shape
+    return xt.transpose(1, 2).reshape(mt * t, kt * t)[:m, :k]
 
 
 def _per_tile(v: torch.Tensor) -> torch.Tensor:
-    """(Mt, Kt) -> broadcastable against (Mt, T, Kt, T)."""
-    return v[:, None, :, None]
+    """(Mt, Kt) -> broadcastable against (Mt, Kt, T, T)."""
+    return v[:, :, None, None]
+
+
+def _tile_amax(v: torch.Tensor) -> torch.Tensor:
+    return v.flatten(2).amax(dim=2)
+
+
+def _finite_only(v: torch.Tensor) -> torch.Tensor:
+    return v if bool(torch.isfinite(v).all()) else torch.where(torch.isfinite(v), v, torch.zeros_like(v))
 
 
 def round_half_even(z: torch.Tensor) -> torch.Tensor:
@@ -89,22 +97,27 @@ def scales_from_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return scale, inv
 
 
-def tile_stats(x: torch.Tensor, tile: int, threshold: torch.Tensor, base_threshold: float, fallback: bool):
+def tile_stats(x: torch.Tensor, tile: int, threshold: torch.Tensor | float, base_threshold: float,
+               fallback: bool):
     """Per-(row, K-tile) absmax, fallback flags, and the counts of one pass over x (M, K).
 
     Returns rowmax (M, Kt) fp32 (inf where a NaN/Inf sits), flags (Mt, Kt) bool, and stats (4,)
     int64 with the saturated entry still 0 (quantization fills it)."""
     m, k = x.shape
     xt = _tiles(x, tile)
-    nonfinite = ~torch.isfinite(xt)
-    ax = torch.where(nonfinite, torch.zeros_like(xt), xt.abs())
-    rowmax = torch.where(nonfinite, torch.full_like(xt, float("inf")), ax).amax(dim=3)  # (Mt, T, Kt)
-    amax = ax.amax(dim=(1, 3))
-    sumsq = (ax * ax).sum(dim=(1, 3))
-    rows = torch.clamp(m - torch.arange(rowmax.shape[0], device=x.device) * tile, max=tile)
-    cols = torch.clamp(k - torch.arange(rowmax.shape[2], device=x.device) * tile, max=tile)
+    ax = xt.abs()
+    rowmax = ax.amax(dim=3)  # (Mt, Kt, T)
+    tile_nonfinite = torch.zeros(xt.shape[:2], dtype=torch.int64, device=x.device)
+    if not bool(torch.isfinite(rowmax).all()):
+        nonfinite = ~torch.isfinite(xt)
+        tile_nonfinite = nonfinite.flatten(2).sum(dim=2)
+        ax = torch.where(nonfinite, torch.zeros_like(ax), ax)
+        rowmax = torch.where(nonfinite.any(dim=3), torch.full_like(rowmax, float("inf")), ax.amax(dim=3))
+    amax = _tile_amax(ax)
+    sumsq = (ax * ax).flatten(2).sum(dim=2)
+    rows = torch.clamp(m - torch.arange(xt.shape[0], device=x.device) * tile, max=tile)
+    cols = torch.clamp(k - torch.arange(xt.shape[1], device=x.device) * tile, max=tile)
     count = (rows[:, None] * cols[None, :]).float()
-    tile_nonfinite = nonfinite.sum(dim=(1, 3))
     finite = tile_nonfinite == 0
     lhs = amax * amax * count
 
@@ -115,8 +128,7 @@ def tile_stats(x: torch.Tensor, tile: int, threshold: torch.Tensor, base_thresho
     flags = over(threshold) & finite if fallback else torch.zeros_like(finite)
     crushed = over(base_threshold) & finite & ~flags
     stats = torch.stack([flags.sum(), crushed.sum(), torch.zeros_like(flags.sum()), tile_nonfinite.sum()]).long()
-    rowmax = rowmax.reshape(-1, rowmax.shape[2])[:m]
-    return rowmax, flags, stats
+    return rowmax.transpose(1, 2).reshape(-1, xt.shape[1])[:m], flags, stats
 
 
 def row_scales(rowmax: torch.Tensor, flags: torch.Tensor, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,35 +147,42 @@ def quantize_act(x: torch.Tensor, tile: int, threshold: torch.Tensor | float, ba
     mt, kt = flags.shape
     inv_p = torch.ones(mt * tile, device=x.device)
     inv_p[:m] = inv
-    xt = _tiles(x, tile)
-    z = xt * inv_p.view(mt, tile, 1, 1)
-    z = torch.where(torch.isfinite(z), z, torch.zeros_like(z))
+    z = _finite_only(_tiles(x, tile) * inv_p.view(mt, 1, tile, 1))
+    stats = stats.clone()
+    if not bool(flags.any()):
+        q, stats[STAT_SATURATED] = _to_int8(_round(z, seed))
+        zeros = torch.zeros_like(flags, dtype=torch.float32)
+        return TileQuant(_untile(q, m, k).contiguous(), torch.zeros(m, k, dtype=torch.int8, device=x.device),
+                         scale, flags, zeros, zeros.clone(), stats, tile)
     f = _per_tile(flags)
-    az = z.abs().amax(dim=(1, 3))
+    az = _tile_amax(z.abs())
     c1 = torch.where(flags, az / QMAX, torch.zeros_like(az))
     inv1 = torch.where(flags & (az > 0), QMAX / az, torch.ones_like(az))
-    r1 = _round(z * _per_tile(inv1), seed)
-    q, sat = _to_int8(r1)
+    q, sat = _to_int8(_round(z * _per_tile(inv1), seed))
     resid = z - q.float() * _per_tile(c1)
-    ar = torch.where(f, resid.abs(), torch.zeros_like(resid)).amax(dim=(1, 3))
+    ar = _tile_amax(torch.where(f, resid.abs(), torch.zeros_like(resid)))
     c2 = torch.where(flags, ar / QMAX, torch.zeros_like(ar))
     inv2 = torch.where(flags & (ar > 0), QMAX / ar, torch.zeros_like(ar))
     r2 = torch.where(f, _round(resid * _per_tile(inv2), None if seed is None else seed + 1), torch.zeros_like(resid))
     q2, sat2 = _to_int8(r2)
-    stats = stats.clone()
     stats[STAT_SATURATED] = sat + sat2
     return TileQuant(_untile(q, m, k).contiguous(), _untile(q2, m, k).contiguous(), scale, flags, c1, c2,
                      stats, tile)
 
 
+def _absmax_marking_nonfinite(xf: torch.Tensor, dim: int) -> torch.Tensor:
+    """absmax along dim; inf wherever the slice holds a NaN or Inf."""
+    absmax = xf.abs().amax(dim=dim)
+    if bool(torch.isfinite(absmax).all()):
+        return absmax
+    return torch.where(torch.isfinite(xf), xf.abs(), torch.full_like(xf, float("inf"))).amax(dim=dim)
+
+
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row INT8 (weights in the forward GEMM): q (M, K) int8, scale (M,) fp32."""
     xf = x.float()
-    absmax = torch.where(torch.isfinite(xf), xf.abs(), torch.full_like(xf, float("inf"))).amax(dim=1)
-    scale, inv = scales_from_absmax(absmax)
-    z = xf * inv[:, None]
-    z = torch.where(torch.isfinite(z), z, torch.zeros_like(z))
-    return round_half_even(z).clamp(-QMAX, QMAX).to(torch.int8), scale
+    scale, inv = scales_from_absmax(_absmax_marking_nonfinite(xf, dim=1))
+    return round_half_even(_finite_only(xf * inv[:, None])).clamp(-QMAX, QMAX).to(torch.int8), scale
 
 
 def quantize_cols_t(x: torch.Tensor, row_mult: torch.Tensor | None = None,
@@ -175,37 +194,46 @@ def quantize_cols_t(x: torch.Tensor, row_mult: torch.Tensor | None = None,
     xf = x.float()
     if row_mult is not None:
         xf = xf * row_mult[:, None]
-    absmax = torch.where(torch.isfinite(xf), xf.abs(), torch.full_like(xf, float("inf"))).amax(dim=0)
-    scale, inv = scales_from_absmax(absmax)
-    z = xf * inv[None, :]
-    z = torch.where(torch.isfinite(z), z, torch.zeros_like(z))
-    q, _ = _to_int8(_round(z, seed))
+    scale, inv = scales_from_absmax(_absmax_marking_nonfinite(xf, dim=0))
+    q, _ = _to_int8(_round(_finite_only(xf * inv[None, :]), seed))
     return q.t().contiguous(), scale
 
 
-def tail_matrix(a: TileQuant) -> torch.Tensor:
-    """float64 (M, K): what fallback tiles add on top of the plain INT8 product of `a.q`."""
+def tail_matrix(a: TileQuant) -> torch.Tensor | None:
+    """float64 (M, K): what fallback tiles add on top of the plain INT8 product of `a.q`; None if none."""
+    if not bool(a.flags.any()):
+        return None
     m, k = a.q.shape
     t = a.tile
-    m1 = torch.where(a.flags, a.c1 - 1.0, torch.zeros_like(a.c1))
-    m2 = torch.where(a.flags, a.c2, torch.zeros_like(a.c2))
-    e1 = m1.repeat_interleave(t, 0).repeat_interleave(t, 1)[:m, :k].double()
-    e2 = m2.repeat_interleave(t, 0).repeat_interleave(t, 1)[:m, :k].double()
-    return e1 * a.q.double() + e2 * a.q2.double()
+
+    def expand(v):
+        v = torch.where(a.flags, v, torch.zeros_like(v))
+        return v.repeat_interleave(t, 0).repeat_interleave(t, 1)[:m, :k].double()
+
+    return expand(a.c1 - 1.0) * a.q.double() + expand(a.c2) * a.q2.double()
+
+
+def _exact_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact product of int8-valued matrices: float32 when every partial sum stays below 2**24."""
+    dt = torch.float32 if a.shape[1] * 127 * 127 < 2**24 else torch.float64
+    return (a.to(dt) @ b.to(dt)).double()
 
 
 def int_sums(a_q: torch.Tensor, b_q: torch.Tensor) -> torch.Tensor:
     """Exact INT32 a_q @ b_q^T for int8 (M, K) and (N, K)."""
-    return (a_q.double() @ b_q.double().t()).to(torch.int32)
+    return _exact_matmul(a_q, b_q.t()).to(torch.int32)
 
 
 def gemm_a_fallback(a: TileQuant, b_q: torch.Tensor, b_scale: torch.Tensor, out_dtype: torch.dtype,
                     tail: str = "fused") -> torch.Tensor:
     """C (M, N) = A B^T with fallback tiles on A (M, K); B given as int8 (N, K) + scale (N,).
 
-    Forward (A = X, B = W) and input gradient (A = dY, B = W^T quantized per column)."""
-    bd = b_q.double().t()
-    acc = a.q.double() @ bd + tail_matrix(a) @ bd
+    Forward (A = X, B = W) and input gradient (A = dY, B = W^T quantized per column). `tail`
+    only selects a Triton code path; the result is the same."""
+    acc = _exact_matmul(a.q, b_q.t())
+    t = tail_matrix(a)
+    if t is not None:
+        acc = acc + t @ b_q.double().t()
     return (acc * a.scale.double()[:, None] * b_scale.double()[None, :]).to(out_dtype)
 
 
@@ -214,11 +242,15 @@ def gemm_b_fallback(a_q: torch.Tensor, a_scale: torch.Tensor, b: TileQuant, out_
     """C (N, K) = A B with fallback tiles on B (M, K); A given as int8 (N, M) + scale (N,).
 
     Weight gradient dW = dY^T X, with X's row scales already folded into A."""
-    ad = a_q.double()
-    acc = ad @ b.q.double() + ad @ tail_matrix(b)
+    acc = _exact_matmul(a_q, b.q)
+    t = tail_matrix(b)
+    if t is not None:
+        acc = acc + a_q.double() @ t
     return (acc * a_scale.double()[:, None]).to(out_dtype)
 
 
 def dequantize(a: TileQuant) -> torch.Tensor:
     """float32 (M, K) value the GEMMs see for a quantized activation."""
-    return ((a.q.double() + tail_matrix(a)) * a.scale.double()[:, None]).float()
+    t = tail_matrix(a)
+    v = a.q.double() if t is None else a.q.double() + t
+    return (v * a.scale.double()[:, None]).float()
