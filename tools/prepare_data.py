@@ -48,7 +48,7 @@ KNOWN_EXTS = TEXT_EXTS + JSONL_EXTS + PARQUET_EXTS
 _PARAGRAPH_BREAK = re.compile(rb"^\s*$")
 # Text per tokenization task: large enough to amortize inter-process transfer, small enough to
 # keep every worker busy and memory flat.
-BATCH_BYTES = 1 << 20
+BATCH_BYTES = 1 << 18
 
 
 @dataclass
@@ -324,8 +324,7 @@ def prepare(documents: Iterable[str], tokenizer: str, output: str, val_fraction:
         if workers > 1:
             import multiprocessing as mp
 
-            pool = mp.get_context("spawn" if sys.platform == "darwin" else None).Pool(
-                workers, initializer=_init_worker, initargs=(tokenizer,))
+            pool = mp.Pool(workers, initializer=_init_worker, initargs=(tokenizer,))
             results = pool.imap(_encode_batch, batches)
         else:
             _init_worker(tokenizer)
