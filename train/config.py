@@ -26,10 +26,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    dim: int = 256
+    dim: int = 128
     n_layers: int = 4
-    n_heads: int = 8
-    n_kv_heads: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
     # 0: the vocabulary of the dataset (its .idx records it).
     vocab_size: int = 0
     # 0: 8/3 * dim rounded up to multiple_of (the Llama rule).
@@ -49,7 +49,7 @@ class DataConfig:
     path: str = ""
     # Validation prefix; "" uses {path}_val when it exists.
     val_path: str = ""
-    seq_len: int = 256
+    seq_len: int = 128
     # Vocabulary of the tokenizer trained for the embedded default corpus.
     default_vocab_size: int = 2048
 

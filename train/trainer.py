@@ -1,0 +1,360 @@
+"""The training story: build everything in `Trainer.__init__`, then `train()` runs steps.
+
+One process per device under torchrun; a lone `python -m train` runs as a world of one. Every run
+goes through FSDP2, so checkpoints have one format whatever the process count.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import signal
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import fq
+from parallel.fsdp import build_mesh, shard_model
+from train import config as C
+from train.checkpoint import Checkpointer
+from train.data import IndexedDataset, SampleStream, resolve_val_prefix
+from train.metrics import MetricsWriter
+from train.model import Transformer, flops_per_token, num_params
+from train.schedule import lr_factor
+
+log = logging.getLogger("fqtrain")
+
+# Dense BF16 peak of the GPUs we measure on, for MFU (datasheet figures).
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+class TrainingAborted(RuntimeError):
+    """Training cannot go on (e.g. too many consecutive non-finite steps)."""
+
+
+def init_distributed(device_pref: str) -> tuple[int, int, torch.device]:
+    """Join torchrun's process group, or make a world of one for a plain `python -m train`."""
+    use_cuda = torch.cuda.is_available() if device_pref == "auto" else device_pref == "cuda"
+    if device_pref == "cuda" and not torch.cuda.is_available():
+        raise C.ConfigError("train.device='cuda' but CUDA is not available; use train.device=auto or cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    backend = "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
+    if not dist.is_initialized():
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend, timeout=_timeout())
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _timeout():
+    import datetime
+
+    return datetime.timedelta(seconds=int(os.environ.get("FQTRAIN_DIST_TIMEOUT", 600)))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: C.OptimConfig, device: torch.device):
+    """AdamW; no weight decay on norms, biases and embeddings (they are not GEMM weights)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or "tok_embeddings" in name or name.endswith("norm.weight"):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             foreach=True)
+
+
+class Trainer:
+    def __init__(self, cfg: C.Config):
+        self.cfg = cfg
+        self.rank, self.world_size, self.device = init_distributed(cfg.train.device)
+        C.validate(cfg, self.world_size)
+        self.is_main = self.rank == 0
+        self.run_dir = cfg.logging.dir
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True)
+        seed_everything(cfg.train.seed)
+
+        # Data first: the model's vocabulary comes from it.
+        self.train_prefix = self._data_prefix()
+        self.train_data = IndexedDataset(self.train_prefix)
+        if cfg.model.vocab_size == 0:
+            cfg.model.vocab_size = self.train_data.vocab_size
+        elif cfg.model.vocab_size < self.train_data.vocab_size:
+            raise C.ConfigError(
+                f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer vocabulary "
+                f"({self.train_data.vocab_size}) of data.path '{self.train_prefix}'; "
+                f"set model.vocab_size >= {self.train_data.vocab_size} or 0 (take the dataset's)")
+        self.train_stream = SampleStream(self.train_data, cfg.data.seq_len, cfg.train.seed)
+        val_prefix = resolve_val_prefix(self.train_prefix, cfg.data.val_path)
+        self.val_stream = (SampleStream(IndexedDataset(val_prefix), cfg.data.seq_len, cfg.train.seed + 1)
+                           if val_prefix else None)
+
+        if self.is_main:
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(os.path.join(self.run_dir, "config.toml"), "w", encoding="utf-8") as f:
+                f.write(C.to_toml(cfg))
+        self.checkpointer = Checkpointer(cfg, self.run_dir, self.rank, self.world_size)
+        self.checkpointer.check_writable()
+
+        # Model: built in full on every rank from the same seed (identical init whatever the
+        # world size), FQ layers swapped in, then sharded; the shards stay FP32 master weights.
+        self.compute_dtype = self._compute_dtype()
+        model = Transformer(cfg.model)
+        self.n_params = num_params(model)
+        fq.convert(model, cfg.fq)
+        model.to(self.device)
+        self.mesh = build_mesh(self.world_size, cfg.parallel.dp_replicate, self.device.type)
+        pcfg = cfg.parallel
+        if self.world_size == 1 and (pcfg.all_gather_dtype == "int8" or pcfg.reduce_scatter_dtype == "int8"):
+            # Nothing crosses a wire in a world of one: quantizing would only add error.
+            log.info("parallel: world size 1, INT8 collectives not used (nothing to communicate)")
+            pcfg = C.ParallelConfig(**{**pcfg.__dict__, "all_gather_dtype": "fp32", "reduce_scatter_dtype": "fp32"})
+        self.model = shard_model(model, self.mesh, pcfg, param_dtype=self.compute_dtype)
+        if cfg.train.compile:
+            for block in self.model.layers:
+                block.compile()
+
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, cfg.train.steps, cfg.optim))
+
+        self.step = 0
+        self.consumed_samples = 0
+        self.tokens_seen = 0
+        self.skipped_steps = 0
+        self.bad_streak = 0
+        self.stop_requested = False
+        resume = self.checkpointer.find_resume()
+        if resume:
+            state = self.checkpointer.load(resume, self.model, self.optimizer, self.scheduler)
+            self.step = state["step"]
+            self.consumed_samples = state["consumed_samples"]
+            self.tokens_seen = state["tokens_seen"]
+            self.skipped_steps = state.get("skipped_steps", 0)
+            log.info(f"resuming from {resume} at step {self.step} "
+                     f"(sample {self.consumed_samples}, {self.tokens_seen:,} tokens seen)")
+        elif self.is_main:
+            log.info(f"starting fresh (checkpoint.resume={cfg.checkpoint.resume})")
+
+        self.metrics = MetricsWriter(self.run_dir, cfg.train.steps, self.is_main,
+                                     cfg.logging.tensorboard, cfg.logging.progress_bar, log)
+        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+        self.peak_flops = self._peak_flops()
+        if self.is_main:
+            log.info(f"model: {self.n_params / 1e6:.2f}M non-embedding params, vocab {cfg.model.vocab_size}, "
+                     f"{self.world_size} process(es) on {self.device.type}, compute {self.compute_dtype}, "
+                     f"fq {'on' if cfg.fq.enabled else 'off'}, "
+                     f"comms all-gather {pcfg.all_gather_dtype} / reduce-scatter {pcfg.reduce_scatter_dtype}")
+            log.info(f"data: {self.train_prefix} ({self.train_data.num_tokens:,} tokens, "
+                     f"{len(self.train_stream):,} windows of {cfg.data.seq_len + 1}); "
+                     f"validation: {val_prefix or 'none'}")
+
+    # ---- set-up helpers -------------------------------------------------------------------
+    def _data_prefix(self) -> str:
+        if self.cfg.data.path:
+            return self.cfg.data.path
+        from train.default_data import ensure_default_dataset
+
+        # Rank 0 builds the cached default corpus; the others wait, then find it built.
+        if self.is_main:
+            prefix = ensure_default_dataset(self.cfg.data.default_vocab_size)
+        dist.barrier()
+        if not self.is_main:
+            prefix = ensure_default_dataset(self.cfg.data.default_vocab_size)
+        return prefix
+
+    def _compute_dtype(self) -> torch.dtype:
+        dtype = self.cfg.train.dtype
+        if dtype == "auto":
+            return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        return {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+
+    def _peak_flops(self) -> float | None:
+        if self.device.type != "cuda":
+            return None
+        name = torch.cuda.get_device_name(self.device)
+        return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+    # ---- the step ---------------------------------------------------------------------------
+    def micro_batches(self, base: int):
+        """This rank's micro-batches of the global batch that starts at sample `base`.
+
+        The global batch is samples base .. base+G-1 whatever the world size, so a run resumed
+        on a different number of ranks sees exactly the same data."""
+        t = self.cfg.train
+        accum = t.global_batch_size // (t.micro_batch_size * self.world_size)
+        for m in range(accum):
+            start = base + (m * self.world_size + self.rank) * t.micro_batch_size
+            yield self.train_stream.batch(start, t.micro_batch_size)
+
+    def loss_fn(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens.to(self.device, non_blocking=True)
+        logits = self.model(tokens[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1))
+
+    def train_step(self) -> dict:
+        t = self.cfg.train
+        accum = t.global_batch_size // (t.micro_batch_size * self.world_size)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=self.device)
+        for tokens in self.micro_batches(self.consumed_samples):
+            loss = self.loss_fn(tokens) / accum
+            loss.backward()
+            loss_sum += loss.detach()
+        dist.all_reduce(loss_sum)
+        loss = (loss_sum / self.world_size).item()
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = grad_norm.item()
+        lr = self.optimizer.param_groups[0]["lr"]
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.optimizer.step()
+            self.bad_streak = 0
+        else:
+            # Every rank sees the same global loss and norm, so all skip together.
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            self.bad_streak += 1
+            log.warning(f"step {self.step + 1}: non-finite loss ({loss}) or grad norm ({grad_norm}); "
+                        f"update skipped ({self.bad_streak} in a row)")
+            if self.bad_streak >= t.max_bad_steps:
+                raise TrainingAborted(
+                    f"{self.bad_streak} consecutive steps with a non-finite loss or gradient "
+                    f"(train.max_bad_steps={t.max_bad_steps}); lower optim.lr, check the data, or resume "
+                    f"from an earlier checkpoint")
+        self.scheduler.step()
+        self.step += 1
+        self.consumed_samples += t.global_batch_size
+        self.tokens_seen += t.global_batch_size * self.cfg.data.seq_len
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm}
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        if self.val_stream is None or self.cfg.train.val_batches == 0:
+            return None
+        self.model.eval()
+        mb = self.cfg.train.micro_batch_size
+        total = torch.zeros((), device=self.device)
+        for i in range(self.cfg.train.val_batches):
+            start = (i * self.world_size + self.rank) * mb
+            total += self.loss_fn(self.val_stream.batch(start, mb))
+        dist.all_reduce(total)
+        self.model.train()
+        fq.collect_stats(self.model, reset=True)  # keep eval out of the training telemetry
+        return (total / (self.cfg.train.val_batches * self.world_size)).item()
+
+    def _fq_stats(self) -> dict:
+        stats = fq.collect_stats(self.model, reset=True)
+        if not stats:
+            return {}
+        keys = sorted(stats)
+        values = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(values)
+        out = {}
+        for k, v in zip(keys, values.tolist()):
+            out[k] = v / self.world_size if "ratio" in k else v
+        return out
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum, _frame):
+            log.warning(f"received {signal.Signals(signum).name}: saving a checkpoint and exiting")
+            self.stop_requested = True
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, request_stop)
+
+    def _agree_to_stop(self) -> bool:
+        """All ranks stop at the same step if any one of them was signalled."""
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        self._install_signal_handlers()
+        self.model.train()
+        start_step = self.step
+        if start_step >= cfg.train.steps:
+            log.info(f"nothing to do: the run is already at step {start_step} of train.steps={cfg.train.steps}")
+        t0 = time.perf_counter()
+        t_last, step_last = t0, self.step
+        last_val = None
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        while self.step < cfg.train.steps:
+            out = self.train_step()
+            done = self.step == cfg.train.steps
+            if self.step % cfg.logging.interval == 0 or self.step == start_step + 1 or done:
+                now = time.perf_counter()
+                tokens = (self.step - step_last) * cfg.train.global_batch_size * cfg.data.seq_len
+                tps = tokens / max(now - t_last, 1e-9)
+                out.update(self._fq_stats())
+                out.setdefault("fallback_ratio", None)
+                out["tokens_per_sec"] = tps
+                out["tokens_seen"] = self.tokens_seen
+                out["skipped_steps"] = self.skipped_steps
+                if self.device.type == "cuda":
+                    out["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                    out["tflops"] = tps * self.flops_per_token / self.world_size / 1e12
+                    out["mfu"] = out["tflops"] * 1e12 / self.peak_flops if self.peak_flops else None
+                self.metrics.log(self.step, out, now - t0, self.step - start_step)
+                t_last, step_last = time.perf_counter(), self.step
+            else:
+                self.metrics.show_progress(self.step)
+            if cfg.train.val_interval and (self.step % cfg.train.val_interval == 0 or done):
+                last_val = self.evaluate()
+                if last_val is not None:
+                    self.metrics.log_eval(self.step, last_val)
+            if self._agree_to_stop():
+                self.save()
+                log.info(f"stopped at step {self.step} on request; resume with checkpoint.resume=auto")
+                break
+            if self.checkpointer.due(self.step, done):
+                self.save()
+        self.checkpointer.wait()
+        self.metrics.close()
+        return {"step": self.step, "val_loss": last_val}
+
+    def save(self) -> None:
+        self.checkpointer.save(self.step, self.model, self.optimizer, self.scheduler, {
+            "step": self.step, "consumed_samples": self.consumed_samples,
+            "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
+        })
+
+
+def setup_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
+
+
+def run(cfg: C.Config) -> dict:
+    setup_logging(int(os.environ.get("RANK", 0)))
+    trainer = Trainer(cfg)
+    try:
+        return trainer.train()
+    finally:
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
