@@ -31,7 +31,7 @@ log = logging.getLogger("fqtrain.data")
 # Bump when the corpus extraction, tokenizer settings or data format change: old caches are
 # then ignored, never misread.
 FORMAT_VERSION = 1
-DEFAULT_CORPUS_BYTES = 4_000_000
+DEFAULT_CORPUS_BYTES = 3_000_000
 VAL_FRACTION = 0.02
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "idlelib", "lib2to3",
               "turtledemo"}
