@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from parallel.fsdp_hooks import AllGather, ReduceScatter
-from parallel.quantize import dequantize_rows, dequantize_sum, quantize_rows
+from parallel.quantize import Layout, dequantize_rows, dequantize_sum, quantize_rows
 
 _STATS: collections.Counter = collections.Counter()
 
@@ -48,9 +48,26 @@ class _PlainAlloc:
         return torch.empty(*size, dtype=dtype, device=device)
 
 
-class Int8AllGather(_PlainAlloc, AllGather):
-    def __init__(self, block: int):
+class _Blocks:
+    """Block layout of one rank's row: each parameter of the FSDP group starts a new block
+    (`segments`: the parameters' padded shard sizes, in FSDP's order). A row that does not add
+    up to the segments (e.g. a reduce-scatter without some parameters' gradients) is cut into
+    plain blocks."""
+
+    def __init__(self, block: int, segments: list[int] | None):
         self.block = block
+        self.segments = segments
+        self._layouts: dict[int, Layout] = {}
+
+    def layout(self, n: int) -> Layout:
+        if n not in self._layouts:
+            self._layouts[n] = Layout(n, self.block, self.segments)
+        return self._layouts[n]
+
+
+class Int8AllGather(_PlainAlloc, _Blocks, AllGather):
+    def __init__(self, block: int, segments: list[int] | None = None):
+        _Blocks.__init__(self, block, segments)
 
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor,
                  group: dist.ProcessGroup, async_op: bool = False):
@@ -59,11 +76,12 @@ class Int8AllGather(_PlainAlloc, AllGather):
             return dist.all_gather_into_tensor(output_tensor, input_tensor, group=group, async_op=async_op)
         world, n = group.size(), input_tensor.numel()
         # input_tensor is this rank's slice of output_tensor: quantize it before anything lands.
-        send = quantize_rows(input_tensor.view(1, n), self.block)
+        layout = self.layout(n)
+        send = quantize_rows(input_tensor.view(1, n), self.block, layout=layout)
         recv = torch.empty(world, send.shape[1], dtype=torch.uint8, device=send.device)
         _count("all_gather", send.numel())
         dist.all_gather_into_tensor(recv, send, group=group)
-        dequantize_rows(recv, n, self.block, output_tensor.view(world, n))
+        dequantize_rows(recv, n, self.block, output_tensor.view(world, n), layout)
         return None
 
 
@@ -90,9 +108,10 @@ def _sum_only(op) -> bool:
                      f"enable FSDP force-sum (parallel.fsdp does) so FSDP divides instead")
 
 
-class Int8ReduceScatter(_PlainAlloc, ReduceScatter):
-    def __init__(self, block: int, stochastic: bool = False, error_feedback: bool = False):
-        self.block = block
+class Int8ReduceScatter(_PlainAlloc, _Blocks, ReduceScatter):
+    def __init__(self, block: int, stochastic: bool = False, error_feedback: bool = False,
+                 segments: list[int] | None = None):
+        _Blocks.__init__(self, block, segments)
         self.stochastic = stochastic
         self.error_feedback = error_feedback
         # What quantization lost last time, per element of this rank's unsharded gradient
@@ -109,11 +128,12 @@ class Int8ReduceScatter(_PlainAlloc, ReduceScatter):
             if self._residual is None or self._residual.shape != rows.shape or self._residual.device != rows.device:
                 self._residual = torch.zeros(rows.shape, dtype=torch.float32, device=rows.device)
             residual = self._residual
-        send = quantize_rows(rows, self.block, stochastic=self.stochastic, residual=residual)
+        layout = self.layout(n)
+        send = quantize_rows(rows, self.block, layout=layout, stochastic=self.stochastic, residual=residual)
         recv = torch.empty_like(send)
         _count("reduce_scatter", send.numel())
         dist.all_to_all_single(recv, send, group=group)
-        dequantize_sum(recv, n, self.block, output_tensor)
+        dequantize_sum(recv, n, self.block, output_tensor, layout)
         if not is_sum:
             output_tensor.div_(world)
         return None
@@ -123,7 +143,8 @@ class Int8ReplicaAllReduce:
     """In-place sum of a flat fp32 tensor across `group` (the replicas of HSDP), INT8 on the wire.
 
     Every replica ends with bitwise the same result (each dequantizes all chunks, its own too),
-    so replicated parameters never drift apart."""
+    so replicated parameters never drift apart. The chunks are cut into plain blocks: a chunk
+    boundary rarely falls on a parameter boundary."""
 
     def __init__(self, group: dist.ProcessGroup, block: int, stochastic: bool = False):
         self.group = group

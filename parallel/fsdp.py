@@ -14,7 +14,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from parallel.collectives import Bf16AllGather, Int8AllGather, Int8ReduceScatter, Int8ReplicaAllReduce
-from parallel.fsdp_hooks import install_all_gather, install_reduce_scatter, require_comm_hooks
+from parallel.fsdp_hooks import install_all_gather, install_reduce_scatter, require_comm_hooks, shard_segments
 from train.config import ParallelConfig
 
 WIRE_DTYPES = ("int8", "bf16", "fp32")
@@ -82,8 +82,9 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, pcfg: ParallelConfig,
 
     block = pcfg.comm_block_size
     for module in modules:
+        segments = shard_segments(module)
         if int8_gather:
-            install_all_gather(module, Int8AllGather(block))
+            install_all_gather(module, Int8AllGather(block, segments))
         elif cast_gather:
             install_all_gather(module, Bf16AllGather())
         if int8_reduce:
@@ -91,6 +92,6 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, pcfg: ParallelConfig,
             if replica_group is not None:
                 hook = Int8ReplicaAllReduce(replica_group, block, pcfg.stochastic_rounding)
             install_reduce_scatter(
-                module, Int8ReduceScatter(block, pcfg.stochastic_rounding, pcfg.error_feedback),
+                module, Int8ReduceScatter(block, pcfg.stochastic_rounding, pcfg.error_feedback, segments),
                 replicate_hook=hook, divide_factor=float(mesh.size()) if hook is not None else None)
     return model

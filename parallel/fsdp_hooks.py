@@ -47,3 +47,18 @@ def install_reduce_scatter(module: FSDPModule, comm: ReduceScatter,
         module.set_all_reduce_hook(replicate_hook)
     if divide_factor is not None:
         module.set_gradient_divide_factor(divide_factor)
+
+
+def shard_segments(module: FSDPModule) -> list[int] | None:
+    """Padded shard sizes of the module's parameters in the order FSDP packs them into one
+    rank's row of the all-gather and reduce-scatter buffers; None if FSDP's internals moved."""
+    try:
+        state = module._get_fsdp_state()
+        groups = getattr(state, "_fsdp_param_groups", None)
+        if groups is None:
+            groups = [state._fsdp_param_group] if state._fsdp_param_group is not None else []
+        if len(groups) != 1:
+            return None
+        return [p.padded_sharded_param_size.numel() for p in groups[0].fsdp_params]
+    except AttributeError:
+        return None

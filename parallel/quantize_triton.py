@@ -31,14 +31,23 @@ def _group(block: int) -> int:
 if triton is not None:
 
     @triton.jit
-    def _quantize_kernel(x_ptr, res_ptr, q_ptr, s_ptr, n, nb, row_bytes, q_bytes, seed,
-                         BLOCK: tl.constexpr, GROUP: tl.constexpr,
+    def _block_columns(starts_ptr, lengths_ptr, nb, BLOCK: tl.constexpr, GROUP: tl.constexpr):
+        """This program's GROUP blocks: payload columns, input columns, and which are real."""
+        blk = tl.program_id(0) * GROUP + tl.arange(0, GROUP)
+        in_row = blk < nb
+        start = tl.load(starts_ptr + blk, mask=in_row, other=0)
+        length = tl.load(lengths_ptr + blk, mask=in_row, other=0)
+        j = tl.arange(0, BLOCK)[None, :]
+        pcol = blk[:, None].to(tl.int64) * BLOCK + j
+        col = start[:, None] + j
+        return blk, in_row, pcol, col, j < length[:, None]
+
+    @triton.jit
+    def _quantize_kernel(x_ptr, res_ptr, q_ptr, s_ptr, starts_ptr, lengths_ptr, n, nb, row_bytes,
+                         q_bytes, seed, BLOCK: tl.constexpr, GROUP: tl.constexpr,
                          STOCHASTIC: tl.constexpr, FEEDBACK: tl.constexpr):
         row = tl.program_id(1).to(tl.int64)
-        blk = tl.program_id(0) * GROUP + tl.arange(0, GROUP)
-        col = blk[:, None].to(tl.int64) * BLOCK + tl.arange(0, BLOCK)[None, :]
-        in_row = blk[:, None] < nb
-        mask = col < n
+        blk, in_row, pcol, col, mask = _block_columns(starts_ptr, lengths_ptr, nb, BLOCK, GROUP)
         x = tl.load(x_ptr + row * n + col, mask=mask, other=0.0).to(tl.float32)
         if FEEDBACK:
             x = x + tl.load(res_ptr + row * n + col, mask=mask, other=0.0)
@@ -46,7 +55,7 @@ if triton is not None:
         safe = tl.where(scale > 0, scale, 1.0)
         v = tl.math.div_rn(x, safe[:, None])
         if STOCHASTIC:
-            u = tl.rand(seed, (row * nb * BLOCK + col).to(tl.uint32))
+            u = tl.rand(seed, (row * nb * BLOCK + pcol).to(tl.uint32))
             q = tl.floor(v + u)
         else:
             q = tl.floor(v + 0.5)
@@ -54,35 +63,31 @@ if triton is not None:
         if FEEDBACK:
             tl.store(res_ptr + row * n + col, x - q * scale[:, None], mask=mask)
         q8 = q.to(tl.int8).to(tl.uint8, bitcast=True)
-        tl.store(q_ptr + row * row_bytes + col, q8, mask=in_row)
-        tl.store(s_ptr + (row * row_bytes + q_bytes) // 4 + blk, scale, mask=blk < nb)
+        tl.store(q_ptr + row * row_bytes + pcol, q8, mask=in_row[:, None])
+        tl.store(s_ptr + (row * row_bytes + q_bytes) // 4 + blk, scale, mask=in_row)
 
     @triton.jit
-    def _dequantize_kernel(q_ptr, s_ptr, out_ptr, n, nb, row_bytes, q_bytes,
+    def _dequantize_kernel(q_ptr, s_ptr, out_ptr, starts_ptr, lengths_ptr, n, nb, row_bytes, q_bytes,
                            BLOCK: tl.constexpr, GROUP: tl.constexpr):
         row = tl.program_id(1).to(tl.int64)
-        blk = tl.program_id(0) * GROUP + tl.arange(0, GROUP)
-        col = blk[:, None].to(tl.int64) * BLOCK + tl.arange(0, BLOCK)[None, :]
-        mask = col < n
-        q = tl.load(q_ptr + row * row_bytes + col, mask=mask, other=0)
+        blk, in_row, pcol, col, mask = _block_columns(starts_ptr, lengths_ptr, nb, BLOCK, GROUP)
+        q = tl.load(q_ptr + row * row_bytes + pcol, mask=mask, other=0)
         q = q.to(tl.int8, bitcast=True).to(tl.float32)
-        s = tl.load(s_ptr + (row * row_bytes + q_bytes) // 4 + blk, mask=blk < nb, other=0.0)
+        s = tl.load(s_ptr + (row * row_bytes + q_bytes) // 4 + blk, mask=in_row, other=0.0)
         tl.store(out_ptr + row * n + col, (q * s[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _dequantize_sum_kernel(q_ptr, s_ptr, out_ptr, rows, n, nb, row_bytes, q_bytes,
-                               BLOCK: tl.constexpr, GROUP: tl.constexpr):
-        blk = tl.program_id(0) * GROUP + tl.arange(0, GROUP)
-        col = blk[:, None].to(tl.int64) * BLOCK + tl.arange(0, BLOCK)[None, :]
-        mask = col < n
+    def _dequantize_sum_kernel(q_ptr, s_ptr, out_ptr, starts_ptr, lengths_ptr, rows, n, nb, row_bytes,
+                               q_bytes, BLOCK: tl.constexpr, GROUP: tl.constexpr):
+        blk, in_row, pcol, col, mask = _block_columns(starts_ptr, lengths_ptr, nb, BLOCK, GROUP)
         acc = tl.zeros((GROUP, BLOCK), dtype=tl.float32)
         # Pointers advance row by row: 64-bit arithmetic however large the payload.
         q_row = q_ptr
         s_row = s_ptr + q_bytes // 4
         for _ in range(rows):
-            q = tl.load(q_row + col, mask=mask, other=0)
+            q = tl.load(q_row + pcol, mask=mask, other=0)
             q = q.to(tl.int8, bitcast=True).to(tl.float32)
-            s = tl.load(s_row + blk, mask=blk < nb, other=0.0)
+            s = tl.load(s_row + blk, mask=in_row, other=0.0)
             acc = acc + q * s[:, None]
             q_row += row_bytes
             s_row += row_bytes // 4
@@ -93,28 +98,29 @@ def _grid(nb: int, block: int, rows: int = 1):
     return (triton.cdiv(nb, _group(block)), rows)
 
 
-def quantize_rows(x: torch.Tensor, out: torch.Tensor, block: int, q_bytes: int,
+def quantize_rows(x: torch.Tensor, out: torch.Tensor, tables, block: int, q_bytes: int,
                   stochastic: bool, residual: torch.Tensor | None, seed: int) -> None:
     rows, n = x.shape
-    nb = -(-n // block)
+    starts, lengths = tables
+    nb = starts.numel()
     _quantize_kernel[_grid(nb, block, rows)](
-        x, residual if residual is not None else x, out, out.view(torch.float32),
+        x, residual if residual is not None else x, out, out.view(torch.float32), starts, lengths,
         n, nb, out.shape[1], q_bytes, seed,
         BLOCK=block, GROUP=_group(block), STOCHASTIC=stochastic, FEEDBACK=residual is not None,
         enable_fp_fusion=False)
 
 
-def dequantize_rows(payload: torch.Tensor, out: torch.Tensor, n: int, block: int, q_bytes: int) -> None:
-    rows = payload.shape[0]
-    nb = -(-n // block)
-    _dequantize_kernel[_grid(nb, block, rows)](
-        payload, payload.view(torch.float32), out, n, nb, payload.shape[1], q_bytes,
+def dequantize_rows(payload: torch.Tensor, out: torch.Tensor, tables, n: int, block: int, q_bytes: int) -> None:
+    starts, lengths = tables
+    nb = starts.numel()
+    _dequantize_kernel[_grid(nb, block, payload.shape[0])](
+        payload, payload.view(torch.float32), out, starts, lengths, n, nb, payload.shape[1], q_bytes,
         BLOCK=block, GROUP=_group(block), enable_fp_fusion=False)
 
 
-def dequantize_sum(payload: torch.Tensor, out: torch.Tensor, n: int, block: int, q_bytes: int) -> None:
-    rows = payload.shape[0]
-    nb = -(-n // block)
+def dequantize_sum(payload: torch.Tensor, out: torch.Tensor, tables, n: int, block: int, q_bytes: int) -> None:
+    starts, lengths = tables
+    nb = starts.numel()
     _dequantize_sum_kernel[_grid(nb, block)](
-        payload, payload.view(torch.float32), out, rows, n, nb, payload.shape[1], q_bytes,
-        BLOCK=block, GROUP=_group(block), enable_fp_fusion=False)
+        payload, payload.view(torch.float32), out, starts, lengths, payload.shape[0], n, nb,
+        payload.shape[1], q_bytes, BLOCK=block, GROUP=_group(block), enable_fp_fusion=False)

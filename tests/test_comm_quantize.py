@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 
-from parallel.quantize import dequantize_rows, dequantize_sum, num_blocks, quantize_rows, row_bytes
+from parallel.quantize import Layout, dequantize_rows, dequantize_sum, quantize_rows, row_bytes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,7 +36,7 @@ def test_round_to_nearest_error_bound(block, kind):
     payload = quantize_rows(x, block)
     assert payload.shape == (3, row_bytes(5000, block)) and payload.dtype == torch.uint8
     y = dequantize_rows(payload, 5000, block, torch.empty(3, 5000))
-    nb = num_blocks(5000, block)
+    nb = -(-5000 // block)
     padded = torch.nn.functional.pad(x, (0, nb * block - 5000)).view(3, nb, block)
     half_step = (padded.abs().amax(-1, keepdim=True) / 127 / 2).expand_as(padded).reshape(3, -1)[:, :5000]
     # Bound: half a quantization step of the element's own block (plus fp32 rounding).
@@ -91,34 +91,52 @@ _TRITON_CHECK = textwrap.dedent("""
     import torch
     from parallel import quantize as Q, quantize_triton as QT
     torch.manual_seed(0)
-    for rows, n, block in [(1, 1000, 256), (3, 513, 64), (4, 7, 16)]:
+    cases = [(1, 1000, 256, None), (3, 513, 64, [13, 400, 100]), (4, 7, 16, None), (2, 600, 256, [1, 0, 299, 300])]
+    for rows, n, block, segments in cases:
+        lay = Q.Layout(n, block, segments)
+        tables = lay.tables(torch.device("cpu"))
+        qb = Q._q_bytes(lay.nb, block)
         x = torch.randn(rows, n) * torch.exp(2 * torch.randn(rows, n))
         x[0, :300] = 0
-        qb = Q._q_bytes(n, block)
-        ref = Q.quantize_rows(x, block)
+        ref = Q.quantize_rows(x, block, layout=lay)
         out = torch.full_like(ref, 0xAB)
-        QT.quantize_rows(x, out, block, qb, False, None, 0)
+        QT.quantize_rows(x, out, tables, block, qb, False, None, 0)
         assert torch.equal(ref, out), (rows, n, block)
-        d1 = Q.dequantize_rows(ref, n, block, torch.empty(rows, n))
+        d1 = Q.dequantize_rows(ref, n, block, torch.empty(rows, n), lay)
         d2 = torch.full((rows, n), float("nan"))
-        QT.dequantize_rows(ref, d2, n, block, qb)
+        QT.dequantize_rows(ref, d2, tables, n, block, qb)
         assert torch.equal(d1, d2)
-        s1 = Q.dequantize_sum(ref, n, block, torch.empty(n))
+        s1 = Q.dequantize_sum(ref, n, block, torch.empty(n), lay)
         s2 = torch.full((n,), float("nan"))
-        QT.dequantize_sum(ref, s2, n, block, qb)
+        QT.dequantize_sum(ref, s2, tables, n, block, qb)
         assert torch.equal(s1, s2)
         r1 = 0.01 * torch.randn(rows, n)
         r2 = r1.clone()
-        p1 = Q.quantize_rows(x, block, residual=r1)
+        p1 = Q.quantize_rows(x, block, layout=lay, residual=r1)
         p2 = torch.empty_like(p1)
-        QT.quantize_rows(x, p2, block, qb, False, r2, 0)
+        QT.quantize_rows(x, p2, tables, block, qb, False, r2, 0)
         assert torch.equal(p1, p2) and torch.equal(r1, r2)
         p3 = torch.empty_like(p1)
-        QT.quantize_rows(x, p3, block, qb, True, None, 7)
-        d3 = Q.dequantize_rows(p3, n, block, torch.empty(rows, n))
+        QT.quantize_rows(x, p3, tables, block, qb, True, None, 7)
+        d3 = Q.dequantize_rows(p3, n, block, torch.empty(rows, n), lay)
         assert ((d3 - x).norm() / x.norm()) < 0.05
     print("same bytes")
 """)
+
+
+def test_segments_start_new_blocks():
+    # A norm weight (1.0) next to small weights: with segments each keeps its own scale.
+    x = torch.cat([torch.ones(1, 100), 0.02 * torch.randn(1, 1000)], dim=1)
+    lay = Layout(1100, 256, [100, 1000])
+    assert lay.nb == 1 + 4 and row_bytes(1100, 256, lay) == 5 * 256 + 5 * 4
+    y = dequantize_rows(quantize_rows(x, 256, layout=lay), 1100, 256, torch.empty(1, 1100), lay)
+    plain = dequantize_rows(quantize_rows(x, 256), 1100, 256, torch.empty(1, 1100))
+    err_seg = (y - x)[0, 100:].abs().max().item()
+    err_plain = (plain - x)[0, 100:256].abs().max().item()
+    assert err_seg <= x[0, 100:].abs().max().item() / 254 * 1.0001
+    assert err_plain > 10 * err_seg
+    # A layout that does not add up to n falls back to whole-row blocks.
+    assert Layout(50, 16, [10, 10]).segments == [50]
 
 
 def test_triton_kernels_write_the_same_bytes():
