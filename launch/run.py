@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 FORWARDED_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
@@ -84,17 +85,31 @@ def check_endpoint(endpoint: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def wait_for_endpoint(host: str, port: int, timeout: float) -> None:
+    """On nodes other than 0: wait until node 0's rendezvous store accepts connections."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=5).close()
+            return
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise LaunchError(
+                    f"cannot reach the rendezvous {host}:{port} from {socket.gethostname()} "
+                    f"within {timeout:.0f}s ({e.strerror or e}): is node 0 running, and is the "
+                    f"port open between nodes? (--rdzv-timeout sets the wait)") from None
+            time.sleep(1)
+
+
 def torchrun_command(nproc: int, trainer_args: list[str], *, log_rank: str = "0",
                      log_dir: str | None = None, nnodes: int = 1, node_rank: int | None = None,
                      rdzv_endpoint: str | None = None, rdzv_id: str = "fqtrain",
                      rdzv_timeout: int = 300) -> list[str]:
     """The `python -m torch.distributed.run` command line (torch 2.11 and later)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
-    if nnodes == 1 and rdzv_endpoint is None:
+    if rdzv_endpoint is None:
         cmd.append("--standalone")
     else:
-        if rdzv_endpoint is None:
-            raise LaunchError(f"--nnodes {nnodes}: needs --rdzv-endpoint HOST:PORT of node 0")
         conf = f"join_timeout={rdzv_timeout},read_timeout={min(rdzv_timeout, 60)}"
         if node_rank is not None:
             # Node 0 hosts the store whether or not its hostname matches the endpoint's name.
@@ -163,33 +178,39 @@ def run(cmd: list[str]) -> int:
     return 128 - code if code < 0 else code
 
 
+def build(args: argparse.Namespace, overrides: list[str]) -> list[str]:
+    """Check the request (config vs world size, rendezvous host) and build the torchrun command."""
+    nproc = args.nproc if args.nproc is not None else default_nproc()
+    if nproc < 1:
+        raise LaunchError(f"--nproc {nproc}: must be >= 1")
+    if args.nnodes < 1:
+        raise LaunchError(f"--nnodes {args.nnodes}: must be >= 1")
+    if args.rdzv_endpoint is not None:
+        check_endpoint(args.rdzv_endpoint)
+    elif args.nnodes > 1:
+        raise LaunchError(f"--nnodes {args.nnodes}: needs --rdzv-endpoint HOST:PORT of node 0")
+    cfg = check_config(args.config, overrides, world_size=nproc * args.nnodes)
+    config = ["--config", args.config] if args.config is not None else []
+    return torchrun_command(nproc, [*config, *overrides], log_rank=args.log_rank,
+                            log_dir=os.path.join(cfg.logging.dir, "ranks"), nnodes=args.nnodes,
+                            node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint,
+                            rdzv_id=args.rdzv_id, rdzv_timeout=args.rdzv_timeout)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args, trainer_args = parse_args(sys.argv[1:] if argv is None else argv)
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.node_rank is None and args.rdzv_endpoint and os.environ.get("SLURM_NODEID"):
+        args.node_rank = int(os.environ["SLURM_NODEID"])
     try:
-        nproc = args.nproc if args.nproc is not None else default_nproc()
-        if nproc < 1:
-            raise LaunchError(f"--nproc {nproc}: must be >= 1")
-        if args.nnodes < 1:
-            raise LaunchError(f"--nnodes {args.nnodes}: must be >= 1")
-        node_rank = args.node_rank
-        if node_rank is None and args.rdzv_endpoint and os.environ.get("SLURM_NODEID"):
-            node_rank = int(os.environ["SLURM_NODEID"])
-        if args.rdzv_endpoint is not None:
-            check_endpoint(args.rdzv_endpoint)
-        cfg = check_config(args.config, trainer_args, world_size=nproc * args.nnodes)
-        if args.config is not None:
-            trainer_args = ["--config", args.config, *trainer_args]
-        cmd = torchrun_command(nproc, trainer_args, log_rank=args.log_rank,
-                               log_dir=os.path.join(cfg.logging.dir, "ranks"),
-                               nnodes=args.nnodes, node_rank=node_rank,
-                               rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id,
-                               rdzv_timeout=args.rdzv_timeout)
+        cmd = build(args, overrides)
+        if args.dry_run:
+            print(shlex.join(cmd))
+            return 0
+        if args.node_rank not in (None, 0):
+            wait_for_endpoint(*check_endpoint(args.rdzv_endpoint), args.rdzv_timeout)
     except LaunchError as e:
         print(f"launch.run: error: {e}", file=sys.stderr)
         return 2
-    if args.dry_run:
-        print(shlex.join(cmd))
-        return 0
     print(f"launch.run: {shlex.join(cmd)}", file=sys.stderr, flush=True)
     return run(cmd)
 
