@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import sysconfig
 
 import numpy as np
@@ -361,7 +363,11 @@ def test_default_dataset_builds_once(tmp_path, monkeypatch):
     import train.default_data as dd
 
     monkeypatch.setenv("FQTRAIN_CACHE", str(tmp_path / "cache"))
+    stale = dd.default_folder(512, 300_000) + ".tmp-killed"
+    os.makedirs(stale)
     prefix = dd.ensure_default_dataset(512, corpus_bytes=300_000)
+    assert not os.path.exists(stale)  # a killed build's leftovers are removed
+    assert prefix == os.path.join(dd.default_folder(512, 300_000), "train")
     assert prefix.startswith(str(tmp_path / "cache"))
     train, val = IndexedDataset(prefix), IndexedDataset(f"{prefix}_val")
     assert train.vocab_size == 512 and train.num_tokens > 50_000 and val.num_docs >= 1
@@ -376,3 +382,22 @@ def test_default_dataset_builds_once(tmp_path, monkeypatch):
 
     monkeypatch.setattr(dd, "_build", no_rebuild)
     assert dd.ensure_default_dataset(512, corpus_bytes=300_000) == prefix
+
+
+def test_default_dataset_concurrent_processes_build_once(tmp_path):
+    """Two processes on one machine: one builds, the other waits and reuses it."""
+    code = ("import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout); "
+            "from train.default_data import ensure_default_dataset as e; "
+            "print('PREFIX', e(400, corpus_bytes=100_000))")
+    env = dict(os.environ, FQTRAIN_CACHE=str(tmp_path / "cache"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=root, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    prefixes = {line.split()[1] for out in outs for line in out.splitlines()
+                if line.startswith("PREFIX")}
+    assert len(prefixes) == 1
+    assert sum(out.count("first run only") for out in outs) == 1, outs
+    IndexedDataset(prefixes.pop())

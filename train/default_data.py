@@ -17,6 +17,7 @@ rename wins and the loser's copy is discarded).
 from __future__ import annotations
 
 import ast
+import glob
 import logging
 import os
 import shutil
@@ -116,15 +117,16 @@ def stdlib_corpus(max_bytes: int = DEFAULT_CORPUS_BYTES, workers: int = 2) -> li
 
 @contextmanager
 def _file_lock(path: str):
+    """Hold an exclusive lock on `path`; yields whether locking is available."""
     try:
         import fcntl
     except ImportError:  # no advisory locks (Windows): the atomic rename still protects the cache
-        yield
+        yield False
         return
     with open(path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
@@ -163,32 +165,41 @@ def _build(folder: str, vocab_size: int, corpus_bytes: int) -> None:
              stats.train_docs, stats.val_docs, time.perf_counter() - t2)
 
 
+def default_folder(vocab_size: int, corpus_bytes: int = DEFAULT_CORPUS_BYTES) -> str:
+    """The cache folder of the default dataset for this Python, vocabulary and corpus size."""
+    v = sys.version_info
+    name = f"default-py{v.major}.{v.minor}.{v.micro}-v{vocab_size}-c{corpus_bytes}-f{FORMAT_VERSION}"
+    return os.path.join(cache_root(), name)
+
+
 def ensure_default_dataset(vocab_size: int = 2048, *,
                            corpus_bytes: int = DEFAULT_CORPUS_BYTES) -> str:
     """Build the default dataset once (cached) and return its train prefix; val is f"{prefix}_val"."""
-    v = sys.version_info
-    name = f"default-py{v.major}.{v.minor}.{v.micro}-v{vocab_size}-c{corpus_bytes}-f{FORMAT_VERSION}"
-    root = cache_root()
-    folder = os.path.join(root, name)
+    folder = default_folder(vocab_size, corpus_bytes)
+    root, name = os.path.split(folder)
     prefix = os.path.join(folder, "train")
     if _complete(folder):
         return prefix
     os.makedirs(root, exist_ok=True)
-    with _file_lock(os.path.join(root, f"{name}.lock")):
+    with _file_lock(os.path.join(root, f"{name}.lock")) as locked:
         if _complete(folder):  # another process built it while we waited
             return prefix
+        if locked:  # nobody else is building: leftovers of a killed build can go
+            for stale in glob.glob(os.path.join(root, f"{name}.tmp-*")):
+                shutil.rmtree(stale, ignore_errors=True)
         t0 = time.perf_counter()
         log.info("default data: building %s (first run only)", folder)
         tmp = tempfile.mkdtemp(prefix=f"{name}.tmp-", dir=root)
         try:
             _build(tmp, vocab_size, corpus_bytes)
-            if os.path.isdir(folder):  # an incomplete leftover (never renamed in by us)
-                shutil.rmtree(folder)
-            try:
-                os.rename(tmp, folder)
-            except OSError:
-                if not _complete(folder):  # lost a lock-free race to a complete copy: use it
-                    raise
+            if not _complete(folder):  # else a lock-free race was lost: use the winner's copy
+                if os.path.isdir(folder):  # damaged by hand (files deleted): replace it
+                    shutil.rmtree(folder)
+                try:
+                    os.rename(tmp, folder)
+                except OSError:
+                    if not _complete(folder):
+                        raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         log.info("default data: ready in %.1f s", time.perf_counter() - t0)
