@@ -139,25 +139,28 @@ class Int8ReduceScatter(_PlainAlloc, _Blocks, ReduceScatter):
         return None
 
 
-class Int8ReplicaAllReduce:
+class Int8ReplicaAllReduce(_Blocks):
     """In-place sum of a flat fp32 tensor across `group` (the replicas of HSDP), INT8 on the wire.
 
     Every replica ends with bitwise the same result (each dequantizes all chunks, its own too),
-    so replicated parameters never drift apart. The chunks are cut into plain blocks: a chunk
-    boundary rarely falls on a parameter boundary."""
+    so replicated parameters never drift apart. The row is first spread out so that every
+    parameter starts a block, then cut into one chunk of whole blocks per replica."""
 
-    def __init__(self, group: dist.ProcessGroup, block: int, stochastic: bool = False):
+    def __init__(self, group: dist.ProcessGroup, block: int, stochastic: bool = False,
+                 segments: list[int] | None = None):
+        _Blocks.__init__(self, block, segments)
         self.group = group
-        self.block = block
         self.stochastic = stochastic
 
     def __call__(self, tensor: torch.Tensor) -> None:
         world, n = self.group.size(), tensor.numel()
         if world == 1 or n == 0:
             return
-        chunk = -(-n // world)
+        layout = self.layout(n)
+        chunk = -(-layout.nb // world) * self.block
         flat = torch.zeros(world * chunk, dtype=torch.float32, device=tensor.device)
-        flat[:n] = tensor.view(-1)
+        spread = layout.pad(tensor.view(1, n).float())[0]
+        flat[:spread.numel()] = spread
         send = quantize_rows(flat.view(world, chunk), self.block, stochastic=self.stochastic)
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.group)
@@ -166,6 +169,5 @@ class Int8ReplicaAllReduce:
         recv2 = torch.empty(world, send2.shape[1], dtype=torch.uint8, device=tensor.device)
         dist.all_gather_into_tensor(recv2, send2, group=self.group)
         dequantize_rows(recv2, chunk, self.block, flat.view(world, chunk))
-        tensor.view(-1).copy_(flat[:n])
+        tensor.view(-1).copy_(layout.unpad(flat[:spread.numel()].view(1, -1))[0])
         _count("replica_all_reduce", send.numel() + send2.numel())
-

@@ -90,7 +90,7 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, pcfg: ParallelConfig,
         if int8_reduce:
             hook = None
             if replica_group is not None:
-                hook = Int8ReplicaAllReduce(replica_group, block, pcfg.stochastic_rounding)
+                hook = Int8ReplicaAllReduce(replica_group, block, pcfg.stochastic_rounding, segments)
             install_reduce_scatter(
                 module, Int8ReduceScatter(block, pcfg.stochastic_rounding, pcfg.error_feedback, segments),
                 replicate_hook=hook, divide_factor=float(mesh.size()) if hook is not None else None)

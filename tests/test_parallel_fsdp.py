@@ -183,7 +183,9 @@ def _hsdp_worker(rank, world):
         assert rel < 0.03, f"{name}: HSDP int8 gradient off by {rel:.4f}"
     # Replicas (rank r and r + world/2 hold the same shard) stay bitwise identical.
     for name, p in model.named_parameters():
-        local = p.to_local().detach().contiguous()
+        # Uneven shards differ in size between shard ranks: pad to the full size to gather.
+        local = torch.zeros(p.numel())
+        local[:p.to_local().numel()] = p.to_local().detach().view(-1)
         copies = [torch.empty_like(local) for _ in range(world)]
         dist.all_gather(copies, local)
         half = world // 2
