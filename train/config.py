@@ -113,6 +113,9 @@ class CheckpointConfig:
     # auto: newest valid checkpoint if any, else a fresh start | never | a step-N folder
     resume: str = "auto"
     async_save: bool = False
+    # Weights to start from when there is nothing to resume: a .pt/.safetensors file from
+    # tools/convert_checkpoint.py, a Hugging Face Llama folder, or a step-N folder ("" = none).
+    init_from: str = ""
 
 
 @dataclass
