@@ -153,8 +153,14 @@ class Trainer:
             self.skipped_steps = state.get("skipped_steps", 0)
             log.info(f"resuming from {resume} at step {self.step} "
                      f"(sample {self.consumed_samples}, {self.tokens_seen:,} tokens seen)")
-        elif self.is_main:
-            log.info(f"starting fresh (checkpoint.resume={cfg.checkpoint.resume})")
+        else:
+            if cfg.checkpoint.init_from:
+                self.checkpointer.init_weights(cfg.checkpoint.init_from, self.model)
+            if self.is_main:
+                why = "never" if cfg.checkpoint.resume == "never" else \
+                    f"auto, no valid checkpoint in {self.checkpointer.root}"
+                init = f", weights from {cfg.checkpoint.init_from}" if cfg.checkpoint.init_from else ""
+                log.info(f"starting fresh (checkpoint.resume={why}{init})")
 
         self.metrics = MetricsWriter(self.run_dir, cfg.train.steps, self.is_main,
                                      cfg.logging.tensorboard, cfg.logging.progress_bar, log)
@@ -287,10 +293,14 @@ class Trainer:
             signal.signal(sig, request_stop)
 
     def _agree_to_stop(self) -> bool:
-        """All ranks stop at the same step if any one of them was signalled."""
-        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
+        """All ranks stop at the same step if any one of them was signalled. The same all-reduce
+        tells whether every rank has finished writing an asynchronous save, to finalise it."""
+        busy = self.checkpointer.busy()
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0, 1.0 if busy else 0.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        stop, busy_anywhere = flag.tolist()
+        self.checkpointer.poll(all_done=not busy_anywhere)
+        return bool(stop)
 
     def train(self) -> dict:
         cfg = self.cfg
