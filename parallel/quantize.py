@@ -35,23 +35,22 @@ class Layout:
             segments = [n]
         self.n, self.block = n, block
         self.segments = [s for s in segments if s > 0]
-        starts, lengths = [], []
-        offset = 0
-        for seg in self.segments:
-            for b in range(0, seg, block):
-                starts.append(offset + b)
-                lengths.append(min(block, seg - b))
-            offset += seg
-        self.starts, self.lengths = starts, lengths
-        self.nb = len(starts)
+        self.nb = sum(-(-s // block) for s in self.segments)
         self.uniform = len(self.segments) <= 1
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(block start offsets int64, block lengths int32) on `device`, built once."""
         if device not in self._tables:
-            self._tables[device] = (torch.tensor(self.starts, dtype=torch.int64, device=device),
-                                    torch.tensor(self.lengths, dtype=torch.int32, device=device))
+            starts, lengths, offset = [], [], 0
+            for seg in self.segments:
+                b = torch.arange(0, seg, self.block, dtype=torch.int64)
+                starts.append(b + offset)
+                lengths.append((seg - b).clamp_(max=self.block).to(torch.int32))
+                offset += seg
+            empty = [torch.zeros(0, dtype=torch.int64)], [torch.zeros(0, dtype=torch.int32)]
+            self._tables[device] = (torch.cat(starts or empty[0]).to(device),
+                                    torch.cat(lengths or empty[1]).to(device))
         return self._tables[device]
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
