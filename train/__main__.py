@@ -49,6 +49,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"fqtrain: config error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        # Errors about the user's input or the run's state carry their own explanation: show
+        # it without a traceback. Anything else is a bug and keeps its traceback.
+        from train.checkpoint import CheckpointError
+        from train.data import DataError
+        from train.trainer import TrainingAborted
+
+        if isinstance(e, (DataError, CheckpointError, TrainingAborted)):
+            print(f"fqtrain: error: {e}", file=sys.stderr)
+            return 1
+        raise
     return 0
 
 

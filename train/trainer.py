@@ -12,6 +12,7 @@ import os
 import random
 import signal
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -250,7 +251,10 @@ class Trainer:
                     f"{self.bad_streak} consecutive steps with a non-finite loss or gradient "
                     f"(train.max_bad_steps={t.max_bad_steps}); lower optim.lr, check the data, or resume "
                     f"from an earlier checkpoint")
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # A skipped update still advances the schedule, which torch warns about.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            self.scheduler.step()
         self.step += 1
         self.consumed_samples += t.global_batch_size
         self.tokens_seen += t.global_batch_size * self.cfg.data.seq_len
