@@ -46,9 +46,9 @@ JSONL_EXTS = (".jsonl", ".ndjson")
 PARQUET_EXTS = (".parquet",)
 KNOWN_EXTS = TEXT_EXTS + JSONL_EXTS + PARQUET_EXTS
 _PARAGRAPH_BREAK = re.compile(rb"^\s*$")
-# Text per tokenization task: large enough to amortize inter-process transfer, small enough to
-# keep every worker busy and memory flat.
-BATCH_BYTES = 1 << 18
+# Characters of text per tokenization task: large enough to amortize the transfer between
+# processes, small enough to keep every worker busy and memory flat.
+BATCH_CHARS = 1 << 18
 
 
 @dataclass
@@ -253,7 +253,7 @@ def _batches(documents: Iterable[str], stats: PrepareStats) -> Iterator[list[str
             continue
         batch.append(doc)
         size += len(doc)
-        if size >= BATCH_BYTES:
+        if size >= BATCH_CHARS:
             yield batch
             batch, size = [], 0
     if batch:
