@@ -140,7 +140,8 @@ class FQLinear(nn.Linear):
         return f"{super().extra_repr()}, tile={c.tile}, fallback={c.fallback}, backend={self.fq_backend}"
 
     def _ops(self, x: torch.Tensor):
-        use_triton = self.fq_backend == "triton" and x.is_cuda
+        # CPU tensors take the reference, except under the Triton interpreter (tests).
+        use_triton = self.fq_backend == "triton" and (x.is_cuda or _triton_ops().INTERPRET)
         self.last_backend = "triton" if use_triton else "reference"
         return _triton_ops() if use_triton else reference
 
@@ -166,7 +167,10 @@ class FQLinear(nn.Linear):
             thr = self._thr[which]
             ratio = q.stats[STAT_FALLBACK].float() / max(n, 1)
             base = torch.full_like(thr, self.fq_config.threshold)
-            self._thr[which] = torch.where(ratio > self.fq_config.budget, thr * 1.25, torch.maximum(thr / 1.25, base))
+            budget = self.fq_config.budget
+            # Up fast when over budget, back down slowly when well under it (hysteresis, no ringing).
+            lower = torch.where(ratio < budget / 2, torch.maximum(thr / 1.05, base), thr)
+            self._thr[which] = torch.where(ratio > budget, thr * 1.25, lower)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = _compute_dtype(x)

@@ -1,0 +1,178 @@
+"""FQLinear and convert: drop-in behaviour, state_dict, dtypes, telemetry, switches, GPU path."""
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fq
+from fq import FQConfig, FQLinear, collect_stats, convert
+from train.config import ModelConfig
+from train.model import Transformer
+
+TINY = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, max_seq_len=64)
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return Transformer(TINY)
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_convert_swaps_block_linears_only(caplog):
+    model = tiny_model()
+    with caplog.at_level(logging.INFO, logger="fqtrain.fq"):
+        convert(model, FQConfig(tile=32))
+    fq_names = sorted(n for n, m in model.named_modules() if isinstance(m, FQLinear))
+    assert len(fq_names) == 14 and all(n.startswith("layers.") for n in fq_names)
+    assert type(model.output) is nn.Linear and type(model.tok_embeddings) is nn.Embedding
+    assert "fq: backend=" in caplog.text and "14 Linear layers converted" in caplog.text
+    if not torch.cuda.is_available():
+        assert "backend=reference (no CUDA)" in caplog.text
+
+
+def test_disabled_and_filters():
+    model = tiny_model()
+    convert(model, FQConfig(enabled=False))
+    assert not any(isinstance(m, FQLinear) for m in model.modules())
+    convert(model, FQConfig(include=("layers.*.mlp.*",), exclude=("layers.0.*",)))
+    names = sorted(n for n, m in model.named_modules() if isinstance(m, FQLinear))
+    assert names == ["layers.1.mlp.down_proj", "layers.1.mlp.gate_proj", "layers.1.mlp.up_proj"]
+
+
+def test_state_dict_interchangeable_both_ways():
+    plain = tiny_model(1)
+    sd = plain.state_dict()
+    converted = convert(tiny_model(2), FQConfig(tile=32))
+    converted.load_state_dict(sd)
+    assert converted.state_dict().keys() == sd.keys()
+    back = tiny_model(3)
+    back.load_state_dict(converted.state_dict())
+    for k, v in back.state_dict().items():
+        assert torch.equal(v, sd[k])
+
+
+def test_forward_backward_close_to_nn_linear_with_bias_and_3d_input():
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 80, bias=True)
+    fql = FQLinear.from_linear(lin, FQConfig(tile=32), "x", "reference")
+    x = torch.randn(3, 50, 96, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    y, y2 = lin(x), fql(x2)
+    assert y2.shape == y.shape and y2.dtype == torch.float32
+    assert rel(y2, y) < 0.02
+    g = torch.randn_like(y)
+    y.backward(g)
+    lin_w, lin_b = lin.weight.grad.clone(), lin.bias.grad.clone()
+    lin.weight.grad = lin.bias.grad = None
+    y2.backward(g)
+    assert rel(x2.grad, x.grad) < 0.02
+    assert rel(fql.weight.grad, lin_w) < 0.02
+    assert torch.allclose(fql.bias.grad, lin_b, rtol=1e-5, atol=1e-5)
+    assert fql.weight.grad.dtype == torch.float32
+
+
+def test_autocast_output_dtype_and_grad_dtypes():
+    torch.manual_seed(0)
+    fql = FQLinear(64, 48, bias=False, config=FQConfig(tile=32))
+    x = torch.randn(40, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fql(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and fql.weight.grad.dtype == torch.float32
+    # bf16 weight and input (the FSDP2 param_dtype=bf16 regime): grads in bf16.
+    fqb = FQLinear(64, 48, bias=False, config=FQConfig(tile=32)).to(torch.bfloat16)
+    xb = torch.randn(40, 64, dtype=torch.bfloat16, requires_grad=True)
+    yb = fqb(xb)
+    yb.float().sum().backward()
+    assert yb.dtype == xb.grad.dtype == fqb.weight.grad.dtype == torch.bfloat16
+
+
+def test_saved_activations_are_int8():
+    fql = FQLinear(128, 64, bias=False, config=FQConfig(tile=32))
+    x = torch.randn(50, 128, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fql(x)
+    shaped_like_x = [t for t in saved if t.shape == x.shape]
+    assert shaped_like_x and all(t.dtype == torch.int8 for t in shaped_like_x)
+
+
+def test_per_gemm_switches_keep_bf16_path():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48, bias=False)
+    x = torch.randn(32, 64)
+    ref_dx, ref_dw = torch.autograd.grad(lin(x.requires_grad_(True)).sum(), (x, lin.weight))
+    for gi, gw in [(False, True), (True, False), (False, False)]:
+        fql = FQLinear.from_linear(lin, FQConfig(tile=32, grad_input=gi, grad_weight=gw), "x", "reference")
+        xx = x.detach().requires_grad_(True)
+        dx, dw = torch.autograd.grad(fql(xx).sum(), (xx, fql.weight))
+        # An unquantized GEMM reproduces nn.Linear's gradient exactly (fp32 here).
+        assert torch.allclose(dx, ref_dx, rtol=1e-5, atol=1e-6) == (not gi)
+        assert torch.allclose(dw, ref_dw, rtol=1e-5, atol=1e-6) == (not gw)
+
+
+def test_collect_stats_counts_and_resets():
+    model = convert(tiny_model(), FQConfig(tile=32))
+    tokens = torch.randint(0, 256, (2, 64))
+    model(tokens).sum().backward()
+    stats = collect_stats(model)
+    for key in ("fallback_ratio", "fq/saturated", "fq/nonfinite", "fq/layers.0.mlp.down_proj/fallback_ratio",
+                "fq/layers.1.attention.q_proj/grad_fallback_ratio"):
+        assert key in stats
+    assert 0.0 <= stats["fallback_ratio"] <= 1.0 and stats["fq/nonfinite"] == 0.0
+    # Poison one layer's input: counted as non-finite there, then reset clears it.
+    layer = model.layers[0].mlp.down_proj
+    x = torch.randn(64, layer.in_features)
+    x[0, 0] = float("nan")
+    x[9, 3:40] *= 5000.0
+    y = layer(x)
+    assert torch.isnan(y[0]).all() and torch.isfinite(y[1:]).all()
+    stats = collect_stats(model)
+    assert stats["fq/layers.0.mlp.down_proj/nonfinite"] == 1.0
+    assert stats["fq/layers.0.mlp.down_proj/fallback_ratio"] > 0.0
+    assert collect_stats(model)["fq/nonfinite"] == 0.0
+
+
+def test_budget_raises_threshold_on_device():
+    fql = FQLinear(256, 32, bias=False, config=FQConfig(tile=32, fallback="budget", budget=0.1))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 256, generator=g)
+    # One outlier channel per 32-column tile, 30x to 3000x: every tile would fall back at first.
+    x[:, ::32] *= 10 ** (1.5 + 2 * torch.rand(8, generator=g))
+    ratios = []
+    for _ in range(40):
+        fql(x)
+        ratios.append(collect_stats(fql_module_root(fql))["fallback_ratio"])
+    assert ratios[0] > 0.5
+    assert sum(ratios[-10:]) / 10 <= 0.1
+    assert float(fql._thr[0]) > 12.0
+
+
+def fql_module_root(layer):
+    root = nn.Module()
+    root.layer = layer
+    return root
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_uses_triton_under_autocast_and_matches_reference():
+    torch.manual_seed(0)
+    model = convert(tiny_model().cuda(), FQConfig(tile=32))
+    layer = model.layers[0].mlp.up_proj
+    assert layer.fq_backend == "triton"
+    tokens = torch.randint(0, 256, (2, 64), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(tokens).float().logsumexp(-1).mean()
+    loss.backward()
+    assert layer.last_backend == "triton"
+    assert layer.weight.grad.dtype == torch.float32
+    x = torch.randn(300, 64, device="cuda")
+    ref = FQLinear.from_linear(layer, layer.fq_config, "ref", "reference")
+    assert rel(layer(x), ref(x)) < 1e-5
+    assert ref.last_backend == "reference"
+    del fq

@@ -1,0 +1,134 @@
+"""Triton kernels vs the reference: identical flags, digits, scales and INT32 sums; same GEMMs.
+
+Runs on the GPU when there is one, else under TRITON_INTERPRET=1 on CPU (small grids)."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+triton = pytest.importorskip("triton")
+
+from fq import FQConfig, FQLinear  # noqa: E402
+from fq import reference as R  # noqa: E402
+from fq import triton_kernels as T  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+THR = 12.0
+
+
+def rand(*shape, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(DEV)
+
+
+def with_outliers(m, k, seed):
+    x = rand(m, k, seed=seed)
+    x[:, 3] *= 1000.0
+    x[m // 2] *= 100.0
+    return x
+
+
+def tile_mask(flags, tile, m, k):
+    return flags.repeat_interleave(tile, 0).repeat_interleave(tile, 1)[:m, :k]
+
+
+def assert_same_quant(a, b, m, k):
+    assert torch.equal(a.flags, b.flags)
+    assert torch.equal(a.q, b.q)
+    assert torch.equal(a.scale, b.scale)
+    assert torch.equal(a.c1, b.c1) and torch.equal(a.c2, b.c2)
+    fl = tile_mask(a.flags, a.tile, m, k)
+    assert torch.equal(a.q2[fl], b.q2[fl])
+    assert torch.equal(a.stats, b.stats)
+
+
+@pytest.mark.parametrize("tile,m,k", [(32, 70, 100), (64, 130, 200), (128, 129, 150)])
+def test_quantize_matches_reference_bitwise(tile, m, k):
+    x = with_outliers(m, k, seed=tile)
+    for fallback in (True, False):
+        a = R.quantize_act(x, tile, THR, THR, fallback)
+        b = T.quantize_act(x, tile, THR, THR, fallback)
+        assert_same_quant(a, b, m, k)
+    assert a.flags.any() or not fallback
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_quantize_dtypes_and_columns(dtype):
+    x = with_outliers(96, 80, seed=1).to(dtype)
+    assert_same_quant(R.quantize_act(x, 32, THR, THR, True), T.quantize_act(x, 32, THR, THR, True), 96, 80)
+    w = rand(70, 96, seed=2).to(dtype)
+    mult = rand(70, seed=3).abs()
+    for rm in (None, mult):
+        qa, sa = R.quantize_cols_t(w, rm)
+        qb, sb = T.quantize_cols_t(w, rm)
+        assert torch.equal(qa, qb) and torch.equal(sa, sb)
+    qa, sa = R.quantize_rows(w)
+    qb, sb = T.quantize_rows(w)
+    assert torch.equal(qa, qb) and torch.equal(sa, sb)
+
+
+def test_int32_sums_bitwise():
+    g = torch.Generator().manual_seed(4)
+    a = torch.randint(-127, 128, (70, 300), generator=g, dtype=torch.int8).to(DEV)
+    b = torch.randint(-127, 128, (65, 300), generator=g, dtype=torch.int8).to(DEV)
+    assert torch.equal(T.int_sums(a, b), R.int_sums(a, b))
+
+
+@pytest.mark.parametrize("tail", ["fused", "separate"])
+@pytest.mark.parametrize("tile,m,k,n", [(32, 100, 96, 70), (64, 129, 200, 65)])
+def test_three_gemms_match_reference(tail, tile, m, k, n):
+    x = with_outliers(m, k, seed=5)
+    w = rand(n, k, seed=6, scale=0.05)
+    dy = rand(m, n, seed=7)
+    dy[:, 1] *= 500.0
+    xq = T.quantize_act(x, tile, THR, THR, True)
+    wq, ws = T.quantize_rows(w)
+    assert xq.flags.any()
+    y_ref = R.gemm_a_fallback(xq, wq, ws, torch.float32)
+    y = T.gemm_a_fallback(xq, wq, ws, torch.float32, tail)
+    assert ((y - y_ref).norm() / y_ref.norm()) < 1e-6
+    dyq = T.quantize_act(dy, tile, THR, THR, True)
+    wq_t, ws_t = T.quantize_cols_t(w)
+    dx_ref = R.gemm_a_fallback(dyq, wq_t, ws_t, torch.float32)
+    dx = T.gemm_a_fallback(dyq, wq_t, ws_t, torch.float32, tail)
+    assert ((dx - dx_ref).norm() / dx_ref.norm()) < 1e-6
+    dq_t, ds = T.quantize_cols_t(dy, row_mult=xq.scale)
+    dw_ref = R.gemm_b_fallback(dq_t, ds, xq, torch.float32)
+    dw = T.gemm_b_fallback(dq_t, ds, xq, torch.float32, tail)
+    assert ((dw - dw_ref).norm() / dw_ref.norm()) < 1e-6
+
+
+def test_nonfinite_and_zero_inputs():
+    x = rand(70, 64, seed=8)
+    x[5, 3] = float("nan")
+    x[40, 60] = float("-inf")
+    x[64:] = 0.0
+    w = rand(33, 64, seed=9)
+    a, b = R.quantize_act(x, 32, THR, THR, True), T.quantize_act(x, 32, THR, THR, True)
+    assert torch.equal(a.stats, b.stats) and int(b.stats[R.STAT_NONFINITE]) == 2
+    assert torch.equal(a.q, b.q) and torch.equal(a.scale.isnan(), b.scale.isnan())
+    wq, ws = T.quantize_rows(w)
+    y = T.gemm_a_fallback(b, wq, ws, torch.float32)
+    bad = torch.zeros(70, dtype=torch.bool, device=DEV)
+    bad[[5, 40]] = True
+    assert torch.isnan(y[bad]).all() and torch.isfinite(y[~bad]).all()
+    assert torch.equal(y[64:], torch.zeros_like(y[64:]))
+
+
+def test_fqlinear_triton_path_matches_reference_path():
+    torch.manual_seed(0)
+    cfg = FQConfig(tile=32)
+    ref = FQLinear(64, 40, bias=True, config=cfg, backend="reference").to(DEV)
+    tri = FQLinear.from_linear(ref, cfg, "tri", "triton")
+    x = with_outliers(70, 64, seed=10)
+    xr, xt = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    yr, yt = ref(xr), tri(xt)
+    assert tri.last_backend == "triton"
+    assert ((yt - yr).norm() / yr.norm()) < 1e-6
+    g = rand(70, 40, seed=11)
+    gr = torch.autograd.grad(yr, (xr, ref.weight), g)
+    gt = torch.autograd.grad(yt, (xt, tri.weight), g)
+    for a, b in zip(gr, gt):
+        assert ((a - b).norm() / a.norm()) < 1e-6
