@@ -158,3 +158,31 @@ def test_sigusr1_saves_and_exits_zero(tmp_path, default_cache):
     assert steps[-1] < 500
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step-{steps[-1]:08d}"
     assert "asking 2 training processes to save and stop" in text
+
+
+@pytest.mark.slow
+def test_two_nodes_rendezvous_on_node_0(tmp_path, default_cache):
+    """Two launchers as two 'nodes' of one process each, as launch/slurm.sbatch runs them."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    procs = []
+    for node in (1, 0):  # node 1 first: it waits for node 0's rendezvous
+        log = open(tmp_path / f"node{node}.log", "w")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "launch.run", "--nnodes", "2", "--node-rank", str(node),
+             "--nproc", "1", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "test",
+             "--rdzv-timeout", "120", "--train.steps=3", f"--logging.dir={out}", *TINY],
+            cwd=tmp_path, env=launcher_env(), stdout=log, stderr=subprocess.STDOUT))
+        log.close()
+    try:
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    logs = "\n".join((tmp_path / f"node{n}.log").read_text()[-3000:] for n in (0, 1))
+    assert codes == [0, 0], logs
+    assert train_steps(out) == [1, 2, 3]
