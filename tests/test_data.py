@@ -59,13 +59,29 @@ def test_tokenizer_unigram_and_bad_inputs(tmp_path, tok):
     tiny.write_text("abc abd\n", encoding="utf-8")
     with pytest.raises(TokenizerError, match="vocab size 4000 is too large"):
         train_tokenizer([str(tiny)], str(tmp_path / "x"), 4000)
-    with pytest.raises(TokenizerError, match="matches no files|does not exist"):
+    with pytest.raises(DataError, match="input '.*missing.txt' does not exist"):
         train_tokenizer([str(tmp_path / "missing.txt")], str(tmp_path / "x"), 400)
     with pytest.raises(TokenizerError, match="must be >= 300"):
         train_tokenizer([str(corpus)], str(tmp_path / "x"), 100)
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(TokenizerError, match="empty"):
         train_tokenizer([str(tmp_path / "empty.txt")], str(tmp_path / "x"), 400)
+
+
+def test_tokenizer_from_jsonl(tmp_path, tok):
+    corpus = open(os.path.join(os.path.dirname(tok), "corpus.txt"), encoding="utf-8").read()
+    paragraphs = corpus.split("\n\n")
+    with open(tmp_path / "c.jsonl", "w", encoding="utf-8") as f:
+        for p in paragraphs:
+            f.write(json.dumps({"body": p}) + "\n")
+    model = train_tokenizer([str(tmp_path / "c.jsonl")], str(tmp_path / "j"), 400,
+                            text_key="body")
+    sp = spm.SentencePieceProcessor(model_file=model)
+    assert sp.vocab_size() == 400 and sp.decode(sp.encode(DOCS[2])) == DOCS[2]
+    with open(tmp_path / "c.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"text": "no body"}\n')
+    with pytest.raises(DataError, match=r"c\.jsonl:\d+: no 'body' field"):
+        train_tokenizer([str(tmp_path / "c.jsonl")], str(tmp_path / "j2"), 400, text_key="body")
 
 
 # --- prepare_data and the format ------------------------------------------------------------

@@ -1,9 +1,11 @@
-"""Train a SentencePiece tokenizer (BPE or unigram) on text files.
+"""Train a SentencePiece tokenizer (BPE or unigram) on text.
 
     python tools/train_tokenizer.py --input corpus/*.txt --vocab-size 32000 \\
         --model-type bpe --output tok/spm32k      # -> tok/spm32k.model, tok/spm32k.vocab
 
-Every line of the input is one training sentence; at most `--input-sentence-size` lines,
+Inputs are those of tools/prepare_data.py: .txt/.text/.md files (read by sentencepiece itself),
+.jsonl/.ndjson and .parquet files (the `--text-key` field, read here), globs and directories.
+Every line of text is one training sentence; at most `--input-sentence-size` lines,
 sampled at random, are used, so training stays fast on big inputs. The model is lossless:
 byte fallback is on (any text encodes, unseen characters become byte pieces), normalization is
 the identity and whitespace is kept as is, so `decode(encode(text)) == text`.
@@ -15,40 +17,35 @@ Fixed special ids (tools/prepare_data.py appends EOS after every document):
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import sys
+from typing import Iterator
+
+if __package__ in (None, ""):  # run as a script: make the repository's packages importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tools.prepare_data import TEXT_EXTS, expand_inputs, file_documents
+from train.data import DataError
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 # 256 byte pieces + 4 specials, plus room for at least some merges.
 MIN_VOCAB_SIZE = 300
 
 
-class TokenizerError(ValueError):
-    """Bad tokenizer input; the message names the input and the fix."""
+class TokenizerError(DataError):
+    """Bad tokenizer settings for the input; the message names the input and the fix."""
 
 
-def expand_inputs(patterns: list[str]) -> list[str]:
-    """Files named directly, by glob, or as directories (every file below, sorted)."""
-    files: list[str] = []
-    for pat in patterns:
-        if os.path.isdir(pat):
-            found = sorted(os.path.join(root, name) for root, _, names in os.walk(pat)
-                           for name in names)
-        else:
-            found = sorted(glob.glob(pat, recursive=True)) if glob.has_magic(pat) else [pat]
-        if not found:
-            raise TokenizerError(f"input '{pat}' matches no files")
-        for f in found:
-            if not os.path.isfile(f):
-                raise TokenizerError(f"input '{f}' does not exist or is not a file")
-        files.extend(found)
-    return files
+def _lines(files: list[str], text_key: str) -> Iterator[str]:
+    for doc in file_documents(files, text_key):
+        for line in doc.split("\n"):
+            if line:
+                yield line
 
 
 def train_tokenizer(inputs: list[str], output: str, vocab_size: int, model_type: str = "bpe",
                     input_sentence_size: int = 1_000_000, num_threads: int | None = None,
-                    quiet: bool = True) -> str:
+                    quiet: bool = True, text_key: str = "text") -> str:
     """Train and write `{output}.model` / `{output}.vocab`; returns the .model path."""
     import sentencepiece as spm
 
@@ -61,9 +58,13 @@ def train_tokenizer(inputs: list[str], output: str, vocab_size: int, model_type:
     if sum(os.path.getsize(f) for f in files) == 0:
         raise TokenizerError(f"inputs {inputs}: all files are empty; give text to train on")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    if all(f.lower().endswith(TEXT_EXTS) for f in files):
+        source = {"input": files}
+    else:
+        source = {"sentence_iterator": _lines(files, text_key)}
     try:
         spm.SentencePieceTrainer.train(
-            input=files,
+            **source,
             model_prefix=output,
             vocab_size=vocab_size,
             model_type=model_type,
@@ -96,7 +97,9 @@ def train_tokenizer(inputs: list[str], output: str, vocab_size: int, model_type:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--input", nargs="+", required=True, help="text files, globs or directories")
+    p.add_argument("--input", nargs="+", required=True,
+                   help="text/JSONL/Parquet files, globs or directories")
+    p.add_argument("--text-key", default="text", help="JSONL field / Parquet column")
     p.add_argument("--vocab-size", type=int, required=True)
     p.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
     p.add_argument("--output", required=True, help="prefix: writes PREFIX.model, PREFIX.vocab")
@@ -107,8 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         path = train_tokenizer(a.input, a.output, a.vocab_size, a.model_type,
-                               a.input_sentence_size, a.threads or None, quiet=not a.verbose)
-    except TokenizerError as e:
+                               a.input_sentence_size, a.threads or None, quiet=not a.verbose,
+                               text_key=a.text_key)
+    except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path} and {a.output}.vocab ({a.model_type}, vocab {a.vocab_size})")
