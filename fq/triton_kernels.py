@@ -93,6 +93,7 @@ def _act_quant_kernel(x_ptr, s_xm, s_xk, M, K, KT, inv_ptr, flags_ptr, q_ptr, q2
     n_sat = tl.sum(tl.sum((tl.abs(r1) > 127.0).to(tl.int32), axis=1), axis=0)
     q = tl.minimum(tl.maximum(r1, -127.0), 127.0)
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], q.to(tl.int8), mask=mask)
+    c2 = az * 0.0
     if flag:
         resid = z - q * c1
         ar = tl.max(tl.max(tl.abs(resid), axis=1), axis=0)
@@ -102,8 +103,6 @@ def _act_quant_kernel(x_ptr, s_xm, s_xk, M, K, KT, inv_ptr, flags_ptr, q_ptr, q2
         n_sat += tl.sum(tl.sum((tl.abs(r2) > 127.0).to(tl.int32), axis=1), axis=0)
         q2 = tl.minimum(tl.maximum(r2, -127.0), 127.0)
         tl.store(q2_ptr + rows[:, None] * K + cols[None, :], q2.to(tl.int8), mask=mask)
-    else:
-        c2 = 0.0
     tl.store(c1_ptr + pid_m * KT + pid_k, c1)
     tl.store(c2_ptr + pid_m * KT + pid_k, c2)
     tl.atomic_add(stats_ptr + 2, n_sat)
@@ -237,7 +236,7 @@ def _fq_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, r_ptr, flags_ptr, c1_pt
 
 def _gemm_configs(tile: int) -> list:
     shapes = [(128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 4), (128, 256, 64, 4, 8),
-              (128, 128, 64, 4, 4), (64, 64, 32, 4, 4)]
+              (128, 128, 32, 4, 4)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
             for bm, bn, bk, s, w in shapes if tile % bk == 0]
 
@@ -248,6 +247,9 @@ _TUNED: dict[int, object] = {}
 def _gemm_launcher(tile: int):
     if INTERPRET:
         return _fq_gemm_kernel, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": min(tile, 64), "GROUP_M": 4}
+    if os.environ.get("FQ_NO_AUTOTUNE") == "1":  # quick GPU test runs: one fixed config
+        return _fq_gemm_kernel, {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": min(tile, 64), "GROUP_M": 8,
+                                 "num_stages": 3, "num_warps": 4}
     if tile not in _TUNED:
         _TUNED[tile] = triton.autotune(_gemm_configs(tile), key=["M", "N", "K", "FB", "FUSED", "HAS_SB", "RAW"])(
             _fq_gemm_kernel)
@@ -289,6 +291,15 @@ def gemm_b_fallback(a_q: torch.Tensor, a_scale: torch.Tensor, b: TileQuant, out_
     return _gemm(a_q, (a_q.stride(0), a_q.stride(1)), b.q, (b.q.stride(0), b.q.stride(1)), n, k, m,
                  a_scale, None, 2, b, (b.q2.stride(0), b.q2.stride(1)), (b.flags.stride(0), b.flags.stride(1)),
                  out_dtype, tail, b.tile)
+
+
+def gemm_rowwise(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
+                 out_dtype: torch.dtype) -> torch.Tensor:
+    """Plain row-wise INT8 GEMM without fallback, C = (A B^T) * sa * sb: the peer in benchmarks."""
+    m, k = a_q.shape
+    n = b_q.shape[0]
+    return _gemm(a_q, (a_q.stride(0), a_q.stride(1)), b_q, (b_q.stride(1), b_q.stride(0)), m, n, k, a_scale, b_scale,
+                 0, None, (0, 0), (0, 0), out_dtype, "separate", 128)
 
 
 def int_sums(a_q: torch.Tensor, b_q: torch.Tensor) -> torch.Tensor:

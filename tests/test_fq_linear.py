@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-import fq
 from fq import FQConfig, FQLinear, collect_stats, convert
 from train.config import ModelConfig
 from train.model import Transformer
@@ -175,4 +174,3 @@ def test_gpu_uses_triton_under_autocast_and_matches_reference():
     ref = FQLinear.from_linear(layer, layer.fq_config, "ref", "reference")
     assert rel(layer(x), ref(x)) < 1e-5
     assert ref.last_backend == "reference"
-    del fq
