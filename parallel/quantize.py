@@ -53,6 +53,31 @@ class Layout:
                                     torch.cat(lengths or empty[1]).to(device))
         return self._tables[device]
 
+    def pieces(self, max_blocks: int) -> list[tuple[int, Layout]]:
+        """Cut the row into consecutive pieces of at most `max_blocks` blocks, each block kept
+        whole: (offset of the piece in the row, its layout), to pipeline a collective."""
+        out: list[tuple[int, Layout]] = []
+        segs: list[int] = []
+        offset = n = blocks = 0
+
+        def flush():
+            nonlocal segs, offset, n, blocks
+            if n:
+                out.append((offset, Layout(n, self.block, segs)))
+            offset, segs, n, blocks = offset + n, [], 0, 0
+
+        for seg in self.segments:
+            pos = 0
+            while pos < seg:
+                take_blocks = min(max_blocks - blocks, -(-(seg - pos) // self.block))
+                take = min(seg - pos, take_blocks * self.block)
+                segs.append(take)
+                n, blocks, pos = n + take, blocks + take_blocks, pos + take
+                if blocks == max_blocks:
+                    flush()
+        flush()
+        return out
+
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """(R, n) -> (R, nb * block): every segment zero-padded to whole blocks."""
         if self.uniform:
@@ -100,21 +125,20 @@ def quantize_rows(x: torch.Tensor, block: int, *, layout: Layout | None = None,
     overwritten with what the quantization lost."""
     if x.dim() != 2:
         raise ValueError(f"quantize_rows: expected a 2-D (rows, n) tensor, got shape {tuple(x.shape)}")
-    x = x.contiguous()
     rows, n = x.shape
     lay = _layout(n, block, layout)
     nb, qb = lay.nb, _q_bytes(lay.nb, block)
     out = torch.empty(rows, qb + 4 * nb, dtype=torch.uint8, device=x.device)
     if rows == 0 or nb == 0:
         return out
-    if _use_triton(x, block):
+    if _use_triton(x, block) and x.stride(1) == 1 and (residual is None or residual.stride(1) == 1):
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item()) if stochastic else 0
         quantize_triton.quantize_rows(x, out, lay.tables(x.device), block, qb, stochastic, residual, seed)
         return out
     xf = x.float()
     if residual is not None:
         xf = xf + residual
-    blocks = lay.pad(xf).view(rows, nb, block)
+    blocks = lay.pad(xf).reshape(rows, nb, block)
     scale = blocks.abs().amax(dim=-1) / QMAX
     v = blocks / torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(-1)
     if stochastic:
@@ -145,8 +169,8 @@ def dequantize_rows(payload: torch.Tensor, n: int, block: int, out: torch.Tensor
     rows = payload.shape[0]
     if rows == 0 or lay.nb == 0:
         return out
-    if _use_triton(payload, block) and out.is_contiguous():
-        quantize_triton.dequantize_rows(payload, out, lay.tables(payload.device), n, block, _q_bytes(lay.nb, block))
+    if _use_triton(payload, block) and out.stride(1) == 1:
+        quantize_triton.dequantize_rows(payload, out, lay.tables(payload.device), block, _q_bytes(lay.nb, block))
         return out
     q, scale = _split(payload, lay)
     out.copy_(lay.unpad((q.float() * scale.unsqueeze(-1)).view(rows, -1)))
@@ -161,7 +185,7 @@ def dequantize_sum(payload: torch.Tensor, n: int, block: int, out: torch.Tensor,
     if lay.nb == 0:
         return out
     if _use_triton(payload, block) and out.is_contiguous():
-        quantize_triton.dequantize_sum(payload, out, lay.tables(payload.device), n, block, _q_bytes(lay.nb, block))
+        quantize_triton.dequantize_sum(payload, out, lay.tables(payload.device), block, _q_bytes(lay.nb, block))
         return out
     q, scale = _split(payload, lay)
     acc = torch.zeros(lay.nb, block, dtype=torch.float32, device=payload.device)

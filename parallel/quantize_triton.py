@@ -43,14 +43,14 @@ if triton is not None:
         return blk, in_row, pcol, col, j < length[:, None]
 
     @triton.jit
-    def _quantize_kernel(x_ptr, res_ptr, q_ptr, s_ptr, starts_ptr, lengths_ptr, n, nb, row_bytes,
-                         q_bytes, seed, BLOCK: tl.constexpr, GROUP: tl.constexpr,
+    def _quantize_kernel(x_ptr, res_ptr, q_ptr, s_ptr, starts_ptr, lengths_ptr, x_stride, res_stride,
+                         nb, row_bytes, q_bytes, seed, BLOCK: tl.constexpr, GROUP: tl.constexpr,
                          STOCHASTIC: tl.constexpr, FEEDBACK: tl.constexpr):
         row = tl.program_id(1).to(tl.int64)
         blk, in_row, pcol, col, mask = _block_columns(starts_ptr, lengths_ptr, nb, BLOCK, GROUP)
-        x = tl.load(x_ptr + row * n + col, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row * x_stride + col, mask=mask, other=0.0).to(tl.float32)
         if FEEDBACK:
-            x = x + tl.load(res_ptr + row * n + col, mask=mask, other=0.0)
+            x = x + tl.load(res_ptr + row * res_stride + col, mask=mask, other=0.0)
         scale = tl.math.div_rn(tl.max(tl.abs(x), axis=1), 127.0)
         safe = tl.where(scale > 0, scale, 1.0)
         v = tl.math.div_rn(x, safe[:, None])
@@ -61,23 +61,23 @@ if triton is not None:
             q = tl.floor(v + 0.5)
         q = tl.minimum(tl.maximum(q, -127.0), 127.0)
         if FEEDBACK:
-            tl.store(res_ptr + row * n + col, x - q * scale[:, None], mask=mask)
+            tl.store(res_ptr + row * res_stride + col, x - q * scale[:, None], mask=mask)
         q8 = q.to(tl.int8).to(tl.uint8, bitcast=True)
         tl.store(q_ptr + row * row_bytes + pcol, q8, mask=in_row[:, None])
         tl.store(s_ptr + (row * row_bytes + q_bytes) // 4 + blk, scale, mask=in_row)
 
     @triton.jit
-    def _dequantize_kernel(q_ptr, s_ptr, out_ptr, starts_ptr, lengths_ptr, n, nb, row_bytes, q_bytes,
+    def _dequantize_kernel(q_ptr, s_ptr, out_ptr, starts_ptr, lengths_ptr, out_stride, nb, row_bytes, q_bytes,
                            BLOCK: tl.constexpr, GROUP: tl.constexpr):
         row = tl.program_id(1).to(tl.int64)
         blk, in_row, pcol, col, mask = _block_columns(starts_ptr, lengths_ptr, nb, BLOCK, GROUP)
         q = tl.load(q_ptr + row * row_bytes + pcol, mask=mask, other=0)
         q = q.to(tl.int8, bitcast=True).to(tl.float32)
         s = tl.load(s_ptr + (row * row_bytes + q_bytes) // 4 + blk, mask=in_row, other=0.0)
-        tl.store(out_ptr + row * n + col, (q * s[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + row * out_stride + col, (q * s[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _dequantize_sum_kernel(q_ptr, s_ptr, out_ptr, starts_ptr, lengths_ptr, rows, n, nb, row_bytes,
+    def _dequantize_sum_kernel(q_ptr, s_ptr, out_ptr, starts_ptr, lengths_ptr, rows, nb, row_bytes,
                                q_bytes, BLOCK: tl.constexpr, GROUP: tl.constexpr):
         blk, in_row, pcol, col, mask = _block_columns(starts_ptr, lengths_ptr, nb, BLOCK, GROUP)
         acc = tl.zeros((GROUP, BLOCK), dtype=tl.float32)
@@ -100,27 +100,29 @@ def _grid(nb: int, block: int, rows: int = 1):
 
 def quantize_rows(x: torch.Tensor, out: torch.Tensor, tables, block: int, q_bytes: int,
                   stochastic: bool, residual: torch.Tensor | None, seed: int) -> None:
-    rows, n = x.shape
+    """x and residual: (R, n) with unit stride along n (any row stride)."""
     starts, lengths = tables
     nb = starts.numel()
-    _quantize_kernel[_grid(nb, block, rows)](
-        x, residual if residual is not None else x, out, out.view(torch.float32), starts, lengths,
-        n, nb, out.shape[1], q_bytes, seed,
+    res = residual if residual is not None else x
+    _quantize_kernel[_grid(nb, block, x.shape[0])](
+        x, res, out, out.view(torch.float32), starts, lengths, x.stride(0), res.stride(0),
+        nb, out.shape[1], q_bytes, seed,
         BLOCK=block, GROUP=_group(block), STOCHASTIC=stochastic, FEEDBACK=residual is not None,
         enable_fp_fusion=False)
 
 
-def dequantize_rows(payload: torch.Tensor, out: torch.Tensor, tables, n: int, block: int, q_bytes: int) -> None:
+def dequantize_rows(payload: torch.Tensor, out: torch.Tensor, tables, block: int, q_bytes: int) -> None:
+    """out: (R, n) with unit stride along n (any row stride)."""
     starts, lengths = tables
     nb = starts.numel()
     _dequantize_kernel[_grid(nb, block, payload.shape[0])](
-        payload, payload.view(torch.float32), out, starts, lengths, n, nb, payload.shape[1], q_bytes,
-        BLOCK=block, GROUP=_group(block), enable_fp_fusion=False)
+        payload, payload.view(torch.float32), out, starts, lengths, out.stride(0), nb, payload.shape[1],
+        q_bytes, BLOCK=block, GROUP=_group(block), enable_fp_fusion=False)
 
 
-def dequantize_sum(payload: torch.Tensor, out: torch.Tensor, tables, n: int, block: int, q_bytes: int) -> None:
+def dequantize_sum(payload: torch.Tensor, out: torch.Tensor, tables, block: int, q_bytes: int) -> None:
     starts, lengths = tables
     nb = starts.numel()
     _dequantize_sum_kernel[_grid(nb, block)](
-        payload, payload.view(torch.float32), out, starts, lengths, payload.shape[0], n, nb,
+        payload, payload.view(torch.float32), out, starts, lengths, payload.shape[0], nb,
         payload.shape[1], q_bytes, BLOCK=block, GROUP=_group(block), enable_fp_fusion=False)

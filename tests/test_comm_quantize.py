@@ -104,11 +104,11 @@ _TRITON_CHECK = textwrap.dedent("""
         assert torch.equal(ref, out), (rows, n, block)
         d1 = Q.dequantize_rows(ref, n, block, torch.empty(rows, n), lay)
         d2 = torch.full((rows, n), float("nan"))
-        QT.dequantize_rows(ref, d2, tables, n, block, qb)
+        QT.dequantize_rows(ref, d2, tables, block, qb)
         assert torch.equal(d1, d2)
         s1 = Q.dequantize_sum(ref, n, block, torch.empty(n), lay)
         s2 = torch.full((n,), float("nan"))
-        QT.dequantize_sum(ref, s2, tables, n, block, qb)
+        QT.dequantize_sum(ref, s2, tables, block, qb)
         assert torch.equal(s1, s2)
         r1 = 0.01 * torch.randn(rows, n)
         r2 = r1.clone()
@@ -120,6 +120,18 @@ _TRITON_CHECK = textwrap.dedent("""
         QT.quantize_rows(x, p3, tables, block, qb, True, None, 7)
         d3 = Q.dequantize_rows(p3, n, block, torch.empty(rows, n), lay)
         assert ((d3 - x).norm() / x.norm()) < 0.05
+    # Strided rows (a piece of each row of a reduce-scatter input, of an all-gather output).
+    x = torch.randn(3, 1000)
+    lay = Q.Layout(300, 16, [50, 250])
+    tables, qb = lay.tables(torch.device("cpu")), Q._q_bytes(lay.nb, 16)
+    ref = Q.quantize_rows(x[:, 100:400].contiguous(), 16, layout=lay)
+    out = torch.empty_like(ref)
+    QT.quantize_rows(x[:, 100:400], out, tables, 16, qb, False, None, 0)
+    assert torch.equal(ref, out)
+    d1, d2 = torch.zeros(3, 1000), torch.zeros(3, 1000)
+    Q.dequantize_rows(ref, 300, 16, d1[:, 100:400], lay)
+    QT.dequantize_rows(ref, d2[:, 100:400], tables, 16, qb)
+    assert torch.equal(d1, d2) and (d2[:, :100] == 0).all() and (d2[:, 400:] == 0).all()
     print("same bytes")
 """)
 
@@ -135,6 +147,15 @@ def test_segments_start_new_blocks():
     err_plain = (plain - x)[0, 100:256].abs().max().item()
     assert err_seg <= x[0, 100:].abs().max().item() / 254 * 1.0001
     assert err_plain > 10 * err_seg
+    # Pieces (for pipelined collectives) keep every block whole: same values after a round trip.
+    lay = Layout(2000, 64, [100, 1000, 900])
+    whole = dequantize_rows(quantize_rows(x := torch.randn(2, 2000), 64, layout=lay), 2000, 64, torch.empty(2, 2000), lay)
+    pieces = lay.pieces(5)
+    assert sum(p.nb for _, p in pieces) == lay.nb and max(p.nb for _, p in pieces) == 5
+    by_piece = torch.empty(2, 2000)
+    for off, p in pieces:
+        dequantize_rows(quantize_rows(x[:, off:off + p.n], 64, layout=p), p.n, 64, by_piece[:, off:off + p.n], p)
+    assert torch.equal(whole, by_piece)
     # A layout that does not add up to n falls back to whole-row blocks.
     assert Layout(50, 16, [10, 10]).segments == [50]
 
