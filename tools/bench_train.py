@@ -1,0 +1,112 @@
+"""Training throughput and memory of the real trainer: BF16 vs FQ-INT8 vs a row-wise INT8 peer.
+
+Each row is `python -m train` (or torchrun for --nproc > 1) on random tokens, so what is timed is
+the product's own step: FSDP2, FQ layers, optimizer, logging. Tokens/s and peak memory are the
+medians of the logged steps after warm-up, read back from metrics.jsonl.
+
+    python tools/bench_train.py --config configs/llama-1b.toml --steps 30 --rows bf16,fq,rowwise
+    python tools/bench_train.py --nproc 2 --rows bf16,fq ...   # FSDP over 2 GPUs
+
+Rows: bf16 (fq.enabled=false), fq (FQ-INT8 with fallback), rowwise (fq.fallback=none: per-row
+INT8 without fallback, the torchao-style recipe), and `+compile` variants (e.g. fq+compile).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+ROWS = {
+    "bf16": ["--fq.enabled=false"],
+    "fq": ["--fq.enabled=true"],
+    "rowwise": ["--fq.enabled=true", "--fq.fallback=none"],
+}
+
+
+def random_dataset(prefix: str, vocab: int, tokens: int, seed: int = 0) -> None:
+    from train.data import IndexedDatasetWriter
+
+    rng = np.random.default_rng(seed)
+    writer = IndexedDatasetWriter(prefix + ".bin", prefix + ".idx", vocab, eos_id=vocab - 1)
+    doc = 4096
+    data = rng.integers(0, vocab - 1, size=tokens, dtype=np.int64)
+    data[doc - 1::doc] = vocab - 1
+    writer.add(data, np.full(tokens // doc, doc))
+    writer.finish()
+
+
+def run_row(name: str, args, data: str, workdir: str) -> dict:
+    base, _, compile_ = name.partition("+")
+    run_dir = os.path.join(workdir, name.replace("+", "_"))
+    cli = ["--config", args.config, f"--data.path={data}", f"--train.steps={args.steps}",
+           "--logging.interval=1", "--train.val_interval=0", "--checkpoint.interval=0",
+           "--logging.tensorboard=false", "--logging.progress_bar=false", f"--logging.dir={run_dir}",
+           f"--model.vocab_size={args.vocab}", *ROWS[base], *args.extra]
+    if compile_:
+        cli.append("--train.compile=true")
+    if args.nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={args.nproc}", "-m", "train", *cli]
+    else:
+        cmd = [sys.executable, "-m", "train", *cli]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+        return {"row": name, "error": f"exit {proc.returncode}"}
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if '"loss"' in line]
+    timed = rows[args.warmup:]
+    med = lambda key: statistics.median(r[key] for r in timed if r.get(key) is not None)  # noqa: E731
+    backend = [line for line in proc.stderr.splitlines() if "fq: backend" in line]
+    return {"row": name, "tokens_per_sec": med("tokens_per_sec"), "mfu": med("mfu") if timed[0].get("mfu") else None,
+            "peak_mem_gib": max((r.get("peak_mem_gib") or 0.0) for r in timed), "loss_last": rows[-1]["loss"],
+            "fallback_ratio": rows[-1].get("fallback_ratio"),
+            "backend": backend[-1].split("fq: ", 1)[1][:60] if backend else "fq off"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=os.path.join(ROOT, "configs", "llama-1b.toml"))
+    ap.add_argument("--rows", default="bf16,fq,rowwise")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=10, help="logged steps left out of the medians")
+    ap.add_argument("--nproc", type=int, default=1)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args, args.extra = ap.parse_known_args()  # the rest: --section.key=value overrides for every row
+    with tempfile.TemporaryDirectory() as workdir:
+        data = os.path.join(workdir, "random")
+        random_dataset(data, args.vocab, tokens=4096 * 2048)
+        results = []
+        for name in args.rows.split(","):
+            results.append(run_row(name, args, data, workdir))
+            print(json.dumps(results[-1]), flush=True)
+    base = next((r for r in results if r["row"] == "bf16" and "error" not in r), None)
+    print(f"\n| row | tokens/s | vs bf16 | MFU | peak GiB | vs bf16 | last loss | fallback | backend |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        if "error" in r:
+            print(f"| {r['row']} | {r['error']} |")
+            continue
+        speed = f"{r['tokens_per_sec'] / base['tokens_per_sec']:.2f}x" if base else "-"
+        mem = f"{r['peak_mem_gib'] / base['peak_mem_gib']:.2f}x" if base and base["peak_mem_gib"] else "-"
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
+        fb = f"{100 * r['fallback_ratio']:.2f}%" if r["fallback_ratio"] is not None else "-"
+        print(f"| {r['row']} | {r['tokens_per_sec']:,.0f} | {speed} | {mfu} | {r['peak_mem_gib']:.1f} | {mem} "
+              f"| {r['loss_last']:.3f} | {fb} | {r['backend']} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
