@@ -57,9 +57,10 @@ def test_kill_during_save_at_each_point_keeps_previous_checkpoint(saved, tmp_pat
             assert (ck / "step-00000003.tmp").is_dir()
     # The next save clears the crashed leftovers and moves `latest`.
     res = train(saved["cache"], tmp_path / "after", "--train.steps=4", "--checkpoint.interval=4",
-                f"--checkpoint.dir={ck}")
+                "--checkpoint.keep_latest=2", f"--checkpoint.dir={ck}")
     assert "step-00000003 at step 3" in res.stderr
     assert read_latest(ck) == "step-00000004" and not list(ck.glob("*.tmp"))
+    assert sorted(p.name for p in ck.glob("step-*")) == ["step-00000003", "step-00000004"]  # keep_latest
     assert train_state(ck / "step-00000004")["consumed_samples"] == 4 * 8
 
 
