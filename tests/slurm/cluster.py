@@ -3,7 +3,8 @@ started as root with every file (config, key, sockets, state, logs) in one direc
 stopped by PID. Debian's `slurm-wlm` and `munge` packages provide the daemons.
 
     cluster = LocalSlurm(tmpdir); cluster.start()
-    job = cluster.sbatch(["launch/slurm.sbatch", ...]); cluster.wait_state(job, {"COMPLETED"})
+    job = cluster.sbatch(["launch/slurm.sbatch", ...], cwd=workdir)
+    cluster.wait_state(job, {"COMPLETED"}, timeout=300)
     cluster.stop()
 """
 from __future__ import annotations
@@ -75,7 +76,7 @@ class LocalSlurm:
         self.root = Path(root)
         self.cpus = cpus
         self.node = socket.gethostname().split(".")[0]
-        self.pids: dict[str, int] = {}
+        self.procs: dict[str, subprocess.Popen] = {}
         self.conf = self.root / "slurm.conf"
         self.munge_socket = self.root / "munge" / "munge.socket"
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
@@ -142,12 +143,10 @@ PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                 start_new_session=True)
         log.close()
-        self.pids[name] = proc.pid
-        self._procs = getattr(self, "_procs", {})
-        self._procs[name] = proc
+        self.procs[name] = proc
 
     def _alive(self, name: str) -> bool:
-        proc = self._procs.get(name)
+        proc = self.procs.get(name)
         return proc is not None and proc.poll() is None
 
     def _start_munged(self, timeout: float) -> None:
@@ -224,12 +223,17 @@ PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
         return "\n".join(parts)
 
     # -- tear-down ----------------------------------------------------------------------------
-    def stop(self, timeout: float = 20) -> None:
-        """Cancel jobs still known, then stop the daemons this object started, by PID."""
-        if self._alive("slurmctld"):
-            self.run(["scancel", "--full", "--quiet", "-u", "root"], check=False)
+    def stop(self, timeout: float = 40) -> None:
+        """Cancel the jobs and let them drain, then stop the daemons this object started, by PID."""
+        if self._alive("slurmctld") and self._alive("slurmd"):
+            self.run(["scancel", "--quiet", "--user=root"], check=False)
+            try:
+                _wait(lambda: not self.run(["squeue", "-h", "-t", "R,CG,CF"], check=False).strip(),
+                      timeout, "cancelled jobs to end")
+            except ClusterError:
+                pass  # stopping the daemons anyway; slurmstepd ends its job's processes
         for name in reversed(DAEMONS):
-            proc = getattr(self, "_procs", {}).get(name)
+            proc = self.procs.get(name)
             if proc is None or proc.poll() is not None:
                 continue
             proc.send_signal(signal.SIGTERM)
