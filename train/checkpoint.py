@@ -136,11 +136,15 @@ class Checkpointer:
 
     def _verify_all_ranks(self, path: str) -> str | None:
         """Full crc32 check, the files shared out over the ranks; the first problem found."""
+        t0 = time.perf_counter()
         with open(os.path.join(path, MANIFEST), encoding="utf-8") as f:
             names = sorted(json.load(f)["files"])
         mine = names[self.rank::self.world_size]
         problems = _all_gather_object(verify(path, full=True, only=mine))
-        return next((p for p in problems if p), None)
+        problem = next((p for p in problems if p), None)
+        if problem is None and self.rank == 0:
+            log.info(f"verified {path} ({len(names)} files, crc32) in {time.perf_counter() - t0:.2f} s")
+        return problem
 
     # ---- save / load ------------------------------------------------------------------------
     def save(self, step: int, model, optimizer, scheduler, train_state: dict) -> str:
@@ -181,11 +185,14 @@ class Checkpointer:
             self._finalize(self._write_then_checksum(None, tmp), tmp, final, t0)
         return final
 
-    def _write_then_checksum(self, upload, tmp: str) -> dict:
+    def _write_then_checksum(self, upload, tmp: str) -> tuple[dict, float]:
+        """(size and crc32 of each file this rank wrote, seconds the checksums took)."""
         if upload is not None:
             upload.result()
         _fault("after_shards", self.rank)
-        return {name: _file_record(os.path.join(tmp, name)) for name in self._own_files(tmp)}
+        t0 = time.perf_counter()
+        records = {name: _file_record(os.path.join(tmp, name)) for name in self._own_files(tmp)}
+        return records, time.perf_counter() - t0
 
     def _own_files(self, tmp: str) -> list[str]:
         """Files this rank wrote: its DCP shards and RNG file; rank 0 also the rest."""
@@ -202,8 +209,9 @@ class Checkpointer:
                 out.append(name)
         return out
 
-    def _finalize(self, records: dict, tmp: str, final: str, t0: float) -> None:
+    def _finalize(self, written: tuple[dict, float], tmp: str, final: str, t0: float) -> None:
         """Every rank has written its files: manifest, rename into place, `latest`, prune."""
+        records, crc_seconds = written
         gathered = _all_gather_object(records)
         _fault("before_manifest", self.rank)
         if self.rank == 0:
@@ -220,8 +228,8 @@ class Checkpointer:
             _write_text(os.path.join(self.root, "latest"), os.path.basename(final) + "\n")
             self._prune()
             size = sum(rec["size"] for rec in files.values())
-            log.info(f"saved checkpoint {final} ({size / 2**30:.3f} GiB, "
-                     f"{time.perf_counter() - t0:.2f} s)")
+            log.info(f"saved checkpoint {final} ({size / 2**30:.3f} GiB in "
+                     f"{time.perf_counter() - t0:.2f} s, of which rank 0's crc32 {crc_seconds:.2f} s)")
         dist.barrier()
 
     def _prune(self) -> None:
@@ -245,10 +253,10 @@ class Checkpointer:
         future, tmp, final, t0 = self._pending
         self._pending = None
         try:
-            records = future.result()
+            written = future.result()
         except Exception as e:
             raise CheckpointError(f"asynchronous save to {tmp} failed: {e}") from e
-        self._finalize(records, tmp, final, t0)
+        self._finalize(written, tmp, final, t0)
 
     def load(self, path: str, model, optimizer, scheduler) -> dict:
         t0 = time.perf_counter()
