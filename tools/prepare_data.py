@@ -27,6 +27,7 @@ import argparse
 import glob
 import itertools
 import json
+import multiprocessing as mp
 import os
 import re
 import sys
@@ -321,9 +322,7 @@ def prepare(documents: Iterable[str], tokenizer: str, output: str, val_fraction:
     pool = None
     try:
         batches = _batches(documents, stats)
-        if workers > 1:
-            import multiprocessing as mp
-
+        if workers > 1 and not mp.current_process().daemon:  # daemons may not have children
             pool = mp.Pool(workers, initializer=_init_worker, initargs=(tokenizer,))
             results = pool.imap(_encode_batch, batches)
         else:

@@ -1,8 +1,9 @@
 """The embedded default dataset: Python standard library prose, built once per machine, offline.
 
-`fqtrain` with no data path trains on the docstrings and comments of the installed standard
-library: text every machine with Python has. The first call extracts them (one document per
-source file, in sorted path order, capped at `DEFAULT_CORPUS_BYTES`), trains a BPE tokenizer,
+`fqtrain` with no data path trains on the docstrings and full-line comments of the installed
+standard library: text every machine with Python has. The first call extracts them (one document
+per source file that parses; library files, then test files, each in sorted path order; capped
+at `DEFAULT_CORPUS_BYTES` of UTF-8), trains a BPE tokenizer,
 prepares `train.bin/.idx` plus `train_val.bin/.idx`, and caches it all in
 
     $FQTRAIN_CACHE, else $XDG_CACHE_HOME/fqtrain, else ~/.cache/fqtrain
@@ -97,14 +98,21 @@ def source_prose(path: str) -> str:
     return "\n\n".join(text for _, text in parts if text.strip())
 
 
-def stdlib_corpus(max_bytes: int = DEFAULT_CORPUS_BYTES, workers: int = 2) -> list[str]:
-    """One document per standard library file (its prose), in order, up to max_bytes of UTF-8."""
+def stdlib_corpus(max_bytes: int = DEFAULT_CORPUS_BYTES, workers: int = 0) -> list[str]:
+    """One document per standard library file (its prose), in order, up to max_bytes of UTF-8.
+    Parsing is the slow part: `workers` processes (0: up to 8 cores) share it."""
     import multiprocessing as mp
 
+    workers = workers or min(8, os.cpu_count() or 1)
+    if mp.current_process().daemon:  # daemonic processes may not have children
+        workers = 1
     docs: list[str] = []
     total = 0
-    with mp.Pool(workers) as pool:
-        for text in pool.imap(source_prose, stdlib_files(), chunksize=8):
+    pool = mp.Pool(workers) if workers > 1 else None
+    try:
+        texts = (pool.imap(source_prose, stdlib_files(), chunksize=8) if pool
+                 else map(source_prose, stdlib_files()))
+        for text in texts:
             if not text:
                 continue
             size = len(text.encode("utf-8"))
@@ -112,6 +120,10 @@ def stdlib_corpus(max_bytes: int = DEFAULT_CORPUS_BYTES, workers: int = 2) -> li
                 break
             docs.append(text)
             total += size
+    finally:
+        if pool:
+            pool.terminate()
+            pool.join()
     return docs
 
 
@@ -160,7 +172,7 @@ def _build(folder: str, vocab_size: int, corpus_bytes: int) -> None:
              time.perf_counter() - t1)
     t2 = time.perf_counter()
     stats = prepare(docs, model, os.path.join(folder, "train"), val_fraction=VAL_FRACTION,
-                    workers=min(2, os.cpu_count() or 1))
+                    workers=min(8, os.cpu_count() or 1))
     log.info("default data: %d tokens, %d train / %d val documents (%.1f s)", stats.tokens,
              stats.train_docs, stats.val_docs, time.perf_counter() - t2)
 
