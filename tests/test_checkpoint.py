@@ -64,6 +64,20 @@ def test_kill_during_save_at_each_point_keeps_previous_checkpoint(saved, tmp_pat
     assert train_state(ck / "step-00000004")["consumed_samples"] == 4 * 8
 
 
+@pytest.mark.slow
+def test_one_rank_dying_mid_save_on_two_ranks(saved, tmp_path):
+    """Resume the 1-rank checkpoint on 2 ranks; rank 1 dies right after writing its shards of
+    the next save: rank 0's shards are in step-3.tmp/, which is never renamed into place."""
+    ck = tmp_path / "ck"
+    shutil.copytree(saved["ck"], ck)
+    train(saved["cache"], tmp_path / "run", "--train.steps=3", "--checkpoint.interval=3",
+          f"--checkpoint.dir={ck}", nproc=2,
+          env={"FQTRAIN_FAULT": "after_shards", "FQTRAIN_FAULT_RANK": "1"}, expect_rc=1)
+    assert read_latest(ck) == "step-00000002" and not (ck / "step-00000003").exists()
+    assert list((ck / "step-00000003.tmp").glob("__0_*.distcp"))
+    assert checkpointer(ck).find_resume() == str(ck / "step-00000002")
+
+
 @pytest.fixture
 def two_checkpoints(saved, tmp_path):
     """step-2 and a copy of it as step-4 (a manifest describes contents, not names)."""

@@ -233,9 +233,11 @@ def worker_pid(torchrun_pid: int, rank: int) -> int | None:
     return None
 
 
-def test_sigusr1_to_one_rank_saves_at_an_agreed_step_and_exits_0(default_cache, tmp_path):
+@pytest.mark.parametrize("nproc,sig", [(2, signal.SIGUSR1), (1, signal.SIGTERM)], ids=["usr1-2ranks", "term-1rank"])
+def test_signal_saves_at_an_agreed_step_and_exits_0(default_cache, tmp_path, nproc, sig):
+    """SIGUSR1 to rank 1 alone of 2 (rank 0 must stop at the same step), SIGTERM to a lone run."""
     run, ck = tmp_path / "run", tmp_path / "ck"
-    proc = subprocess.Popen(command(2, run, "--train.steps=500", f"--checkpoint.dir={ck}"),
+    proc = subprocess.Popen(command(nproc, run, "--train.steps=500", f"--checkpoint.dir={ck}"),
                             cwd=ROOT, env=run_env(default_cache["cache"]),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -244,9 +246,9 @@ def test_sigusr1_to_one_rank_saves_at_an_agreed_step_and_exits_0(default_cache, 
         while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
             assert proc.poll() is None and time.time() < deadline, "training did not start"
             time.sleep(0.1)
-        worker = worker_pid(proc.pid, 1)
-        assert worker is not None
-        os.kill(worker, signal.SIGUSR1)  # rank 1 only: rank 0 must stop at the same step
+        target = worker_pid(proc.pid, 1) if nproc > 1 else proc.pid
+        assert target is not None
+        os.kill(target, sig)
         out, _ = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
@@ -256,4 +258,5 @@ def test_sigusr1_to_one_rank_saves_at_an_agreed_step_and_exits_0(default_cache, 
     assert len(steps) == 1 and (ck / "latest").read_text().strip() == steps[0]
     step = train_state(ck / steps[0])["step"]
     assert 2 <= step < 500 and f"stopped at step {step} on request" in out
+    assert f"received {sig.name}" in out
     assert max(losses(run)) == step
