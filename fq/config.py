@@ -34,8 +34,9 @@ class FQConfig:
     exclude: tuple[str, ...] = ()
     # auto: Triton on CUDA with compute capability >= 8.0, else the pure-torch reference.
     backend: str = "auto"
-    # Where the Triton GEMM adds fallback tiles: inside the pipelined K loop or in a loop after it.
-    tail: str = "fused"
+    # Where the Triton GEMM adds fallback tiles: in a loop after the pipelined INT8 K loop, or
+    # inside it (measured ~2x slower on H100: the branch breaks pipelining; docs/fq.md).
+    tail: str = "separate"
 
     def __post_init__(self):
         if self.tile not in TILES:

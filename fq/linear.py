@@ -75,18 +75,19 @@ class _FQMatmul(torch.autograd.Function):
         ops = layer._ops(x)
         with torch.autocast(x.device.type, enabled=False):
             xq = ops.quantize_act(x, cfg.tile, layer._thresholds(x.device)[FORWARD], cfg.threshold,
-                                  cfg.fallback != "none")
+                                  cfg.fallback != "none", transposed=cfg.grad_weight)
             layer._record(FORWARD, xq, x.shape)
             wq, ws = ops.quantize_rows(weight)
             y = ops.gemm_a_fallback(xq, wq, ws, out_dtype, cfg.tail)
         ctx.layer, ctx.ops, ctx.out_dtype, ctx.x_dtype, ctx.tile = layer, ops, out_dtype, x.dtype, cfg.tile
         saved_x = x if not cfg.grad_weight else None
-        ctx.save_for_backward(weight, xq.q, xq.q2, xq.scale, xq.flags, xq.c1, xq.c2, saved_x)
+        # Backward needs X only as the K-major (transposed) INT8 digits of the weight gradient.
+        ctx.save_for_backward(weight, xq.qt, xq.q2t, xq.scale, xq.flags, xq.c1, xq.c2, saved_x)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        weight, q, q2, scale, flags, c1, c2, x = ctx.saved_tensors
+        weight, qt, q2t, scale, flags, c1, c2, x = ctx.saved_tensors
         layer, ops = ctx.layer, ctx.ops
         cfg = layer.fq_config
         cd = ctx.out_dtype
@@ -103,7 +104,7 @@ class _FQMatmul(torch.autograd.Function):
                     dx = (dy.to(cd) @ weight.to(cd)).to(ctx.x_dtype)
             if ctx.needs_input_grad[1]:
                 if cfg.grad_weight:
-                    xq = TileQuant(q, q2, scale, flags, c1, c2, None, ctx.tile)
+                    xq = TileQuant(None, None, scale, flags, c1, c2, None, ctx.tile, qt, q2t)
                     dyq_t, dys = ops.quantize_cols_t(dy, row_mult=scale, seed=layer._next_seed())
                     dw = ops.gemm_b_fallback(dyq_t, dys, xq, weight.dtype, cfg.tail)
                 else:

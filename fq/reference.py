@@ -33,6 +33,8 @@ class TileQuant:
     c2: torch.Tensor  # (Mt, Kt) fp32 tile multiplier of q2 (0 in plain tiles)
     stats: torch.Tensor  # (4,) int64: fallback tiles, crushed tiles, saturated values, non-finite values
     tile: int
+    qt: torch.Tensor | None = None  # (K, M) int8: q transposed, kept for the weight-gradient GEMM
+    q2t: torch.Tensor | None = None  # (K, M) int8: q2 transposed
 
 
 def num_tiles(n: int, tile: int) -> int:
@@ -85,14 +87,24 @@ def _to_int8(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return r.clamp(-QMAX, QMAX).to(torch.int8), saturated
 
 
+def _div(a, b) -> torch.Tensor:
+    """IEEE division like Triton's div_rn. torch turns `t / scalar` on CUDA and `scalar / t`
+    everywhere into a reciprocal and a multiply (two roundings), so divide tensor by tensor."""
+    if not isinstance(a, torch.Tensor):
+        a = torch.full_like(b, a)
+    if not isinstance(b, torch.Tensor):
+        b = torch.full_like(a, b)
+    return torch.div(a, b)
+
+
 def scales_from_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and inverse scale per row from its absmax (inf marks NaN/Inf in the row).
 
     An all-zero row gets scale 1; a non-finite row gets scale NaN so the GEMM output of that row
     is NaN rather than silently finite."""
     pos = absmax > 0
-    scale = torch.where(pos, absmax / QMAX, torch.ones_like(absmax))
-    inv = torch.where(pos, QMAX / absmax, torch.ones_like(absmax))
+    scale = torch.where(pos, _div(absmax, QMAX), torch.ones_like(absmax))
+    inv = torch.where(pos, _div(QMAX, absmax), torch.ones_like(absmax))
     scale = torch.where(torch.isinf(absmax), torch.full_like(absmax, float("nan")), scale)
     return scale, inv
 
@@ -139,8 +151,9 @@ def row_scales(rowmax: torch.Tensor, flags: torch.Tensor, tile: int) -> tuple[to
 
 
 def quantize_act(x: torch.Tensor, tile: int, threshold: torch.Tensor | float, base_threshold: float,
-                 fallback: bool, seed: int | None = None) -> TileQuant:
-    """Quantize an activation operand (M, K) along its rows, with fallback tiles."""
+                 fallback: bool, seed: int | None = None, transposed: bool = False) -> TileQuant:
+    """Quantize an activation operand (M, K) along its rows, with fallback tiles; `transposed`
+    also returns the (K, M) copies the weight-gradient GEMM reads."""
     m, k = x.shape
     rowmax, flags, stats = tile_stats(x, tile, threshold, base_threshold, fallback)
     scale, inv = row_scales(rowmax, flags, tile)
@@ -152,22 +165,28 @@ def quantize_act(x: torch.Tensor, tile: int, threshold: torch.Tensor | float, ba
     if not bool(flags.any()):
         q, stats[STAT_SATURATED] = _to_int8(_round(z, seed))
         zeros = torch.zeros_like(flags, dtype=torch.float32)
-        return TileQuant(_untile(q, m, k).contiguous(), torch.zeros(m, k, dtype=torch.int8, device=x.device),
-                         scale, flags, zeros, zeros.clone(), stats, tile)
+        return _with_transposed(TileQuant(_untile(q, m, k).contiguous(), torch.zeros(m, k, dtype=torch.int8,
+                                device=x.device), scale, flags, zeros, zeros.clone(), stats, tile), transposed)
     f = _per_tile(flags)
     az = _tile_amax(z.abs())
-    c1 = torch.where(flags, az / QMAX, torch.zeros_like(az))
-    inv1 = torch.where(flags & (az > 0), QMAX / az, torch.ones_like(az))
+    c1 = torch.where(flags, _div(az, QMAX), torch.zeros_like(az))
+    inv1 = torch.where(flags & (az > 0), _div(QMAX, az), torch.ones_like(az))
     q, sat = _to_int8(_round(z * _per_tile(inv1), seed))
     resid = z - q.float() * _per_tile(c1)
     ar = _tile_amax(torch.where(f, resid.abs(), torch.zeros_like(resid)))
-    c2 = torch.where(flags, ar / QMAX, torch.zeros_like(ar))
-    inv2 = torch.where(flags & (ar > 0), QMAX / ar, torch.zeros_like(ar))
+    c2 = torch.where(flags, _div(ar, QMAX), torch.zeros_like(ar))
+    inv2 = torch.where(flags & (ar > 0), _div(QMAX, ar), torch.zeros_like(ar))
     r2 = torch.where(f, _round(resid * _per_tile(inv2), None if seed is None else seed + 1), torch.zeros_like(resid))
     q2, sat2 = _to_int8(r2)
     stats[STAT_SATURATED] = sat + sat2
-    return TileQuant(_untile(q, m, k).contiguous(), _untile(q2, m, k).contiguous(), scale, flags, c1, c2,
-                     stats, tile)
+    return _with_transposed(TileQuant(_untile(q, m, k).contiguous(), _untile(q2, m, k).contiguous(), scale, flags,
+                                      c1, c2, stats, tile), transposed)
+
+
+def _with_transposed(a: TileQuant, transposed: bool) -> TileQuant:
+    if transposed:
+        a.qt, a.q2t = a.q.t().contiguous(), a.q2.t().contiguous()
+    return a
 
 
 def _absmax_marking_nonfinite(xf: torch.Tensor, dim: int) -> torch.Tensor:
@@ -199,18 +218,21 @@ def quantize_cols_t(x: torch.Tensor, row_mult: torch.Tensor | None = None,
     return q.t().contiguous(), scale
 
 
-def tail_matrix(a: TileQuant) -> torch.Tensor | None:
-    """float64 (M, K): what fallback tiles add on top of the plain INT8 product of `a.q`; None if none."""
+def tail_matrix(a: TileQuant, q: torch.Tensor | None = None, q2: torch.Tensor | None = None) -> torch.Tensor | None:
+    """float64 (M, K): what fallback tiles add on top of the plain INT8 product of q (default a.q);
+    None if there are none."""
     if not bool(a.flags.any()):
         return None
-    m, k = a.q.shape
+    q = a.q if q is None else q
+    q2 = a.q2 if q2 is None else q2
+    m, k = q.shape
     t = a.tile
 
     def expand(v):
         v = torch.where(a.flags, v, torch.zeros_like(v))
         return v.repeat_interleave(t, 0).repeat_interleave(t, 1)[:m, :k].double()
 
-    return expand(a.c1 - 1.0) * a.q.double() + expand(a.c2) * a.q2.double()
+    return expand(a.c1 - 1.0) * q.double() + expand(a.c2) * q2.double()
 
 
 def _exact_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -225,7 +247,7 @@ def int_sums(a_q: torch.Tensor, b_q: torch.Tensor) -> torch.Tensor:
 
 
 def gemm_a_fallback(a: TileQuant, b_q: torch.Tensor, b_scale: torch.Tensor, out_dtype: torch.dtype,
-                    tail: str = "fused") -> torch.Tensor:
+                    tail: str = "separate") -> torch.Tensor:
     """C (M, N) = A B^T with fallback tiles on A (M, K); B given as int8 (N, K) + scale (N,).
 
     Forward (A = X, B = W) and input gradient (A = dY, B = W^T quantized per column). `tail`
@@ -238,12 +260,14 @@ def gemm_a_fallback(a: TileQuant, b_q: torch.Tensor, b_scale: torch.Tensor, out_
 
 
 def gemm_b_fallback(a_q: torch.Tensor, a_scale: torch.Tensor, b: TileQuant, out_dtype: torch.dtype,
-                    tail: str = "fused") -> torch.Tensor:
+                    tail: str = "separate") -> torch.Tensor:
     """C (N, K) = A B with fallback tiles on B (M, K); A given as int8 (N, M) + scale (N,).
 
-    Weight gradient dW = dY^T X, with X's row scales already folded into A."""
-    acc = _exact_matmul(a_q, b.q)
-    t = tail_matrix(b)
+    Weight gradient dW = dY^T X, with X's row scales already folded into A; B is read from its
+    transposed digits b.qt / b.q2t as the Triton kernel does."""
+    q, q2 = b.qt.t(), b.q2t.t()
+    acc = _exact_matmul(a_q, q)
+    t = tail_matrix(b, q, q2)
     if t is not None:
         acc = acc + a_q.double() @ t
     return (acc * a_scale.double()[:, None]).to(out_dtype)

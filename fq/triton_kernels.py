@@ -73,8 +73,8 @@ def _act_stats_kernel(x_ptr, s_xm, s_xk, M, K, KT, thr_ptr, base_thr, rowmax_ptr
 
 
 @triton.jit
-def _act_quant_kernel(x_ptr, s_xm, s_xk, M, K, KT, inv_ptr, flags_ptr, q_ptr, q2_ptr, c1_ptr, c2_ptr, stats_ptr,
-                      seed, TILE: tl.constexpr, STOCHASTIC: tl.constexpr):
+def _act_quant_kernel(x_ptr, s_xm, s_xk, M, K, KT, inv_ptr, flags_ptr, q_ptr, q2_ptr, qt_ptr, q2t_ptr, c1_ptr, c2_ptr,
+                      stats_ptr, seed, TILE: tl.constexpr, STOCHASTIC: tl.constexpr, TRANSPOSED: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_m * TILE + tl.arange(0, TILE)
@@ -93,6 +93,8 @@ def _act_quant_kernel(x_ptr, s_xm, s_xk, M, K, KT, inv_ptr, flags_ptr, q_ptr, q2
     n_sat = tl.sum(tl.sum((tl.abs(r1) > 127.0).to(tl.int32), axis=1), axis=0)
     q = tl.minimum(tl.maximum(r1, -127.0), 127.0)
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], q.to(tl.int8), mask=mask)
+    if TRANSPOSED:  # (K, M) copy: the K-major B operand of the weight-gradient GEMM
+        tl.store(qt_ptr + cols[None, :] * M + rows[:, None], q.to(tl.int8), mask=mask)
     c2 = az * 0.0
     if flag:
         resid = z - q * c1
@@ -103,6 +105,8 @@ def _act_quant_kernel(x_ptr, s_xm, s_xk, M, K, KT, inv_ptr, flags_ptr, q_ptr, q2
         n_sat += tl.sum(tl.sum((tl.abs(r2) > 127.0).to(tl.int32), axis=1), axis=0)
         q2 = tl.minimum(tl.maximum(r2, -127.0), 127.0)
         tl.store(q2_ptr + rows[:, None] * K + cols[None, :], q2.to(tl.int8), mask=mask)
+        if TRANSPOSED:
+            tl.store(q2t_ptr + cols[None, :] * M + rows[:, None], q2.to(tl.int8), mask=mask)
     tl.store(c1_ptr + pid_m * KT + pid_k, c1)
     tl.store(c2_ptr + pid_m * KT + pid_k, c2)
     tl.atomic_add(stats_ptr + 2, n_sat)
@@ -184,7 +188,10 @@ def _fq_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, r_ptr, flags_ptr, c1_pt
     a_ptrs = a_ptr + rm[:, None] * s_am + rk[None, :] * s_ak
     b_ptrs = b_ptr + rk[:, None] * s_bk + rn[None, :] * s_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    acc_f = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # The float32 tail accumulator lives through the main loop only when the tail is fused:
+    # otherwise it would double the registers the pipelined INT8 loop has to share.
+    if FUSED:
+        acc_f = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         amask = (rm[:, None] < M) & (rk[None, :] < K - k0)
         bmask = (rk[:, None] < K - k0) & (rn[None, :] < N)
@@ -197,11 +204,18 @@ def _fq_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, r_ptr, flags_ptr, c1_pt
             if FB == 2:
                 acc_f = _tail_step(acc_f, a, b, r_ptr, k0 + rk, rn, s_r0, s_r1, bmask, flags_ptr, c1_ptr, c2_ptr,
                                    (k0 // TILE) * s_f0 + (rn // TILE) * s_f1, rn < N, FB)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         a_ptrs += BLOCK_K * s_ak
         b_ptrs += BLOCK_K * s_bk
-    if not FUSED:
-        if FB != 0:
+    cmask = (rm[:, None] < M) & (rn[None, :] < N)
+    c_ptrs = c_ptr + rm[:, None] * s_cm + rn[None, :] * s_cn
+    if RAW:
+        tl.store(c_ptrs, acc, mask=cmask)
+    else:
+        out = acc.to(tl.float32)
+        if FUSED:
+            out += acc_f
+        elif FB != 0:
             for k0 in range(0, K, BLOCK_K):
                 kt = k0 // TILE
                 if FB == 1:
@@ -217,18 +231,12 @@ def _fq_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, r_ptr, flags_ptr, c1_pt
                     a = tl.load(a_ptr + rm[:, None] * s_am + (k0 + rk)[None, :] * s_ak, mask=amask, other=0)
                     b = tl.load(b_ptr + (k0 + rk)[:, None] * s_bk + rn[None, :] * s_bn, mask=bmask, other=0)
                     if FB == 1:
-                        acc_f = _tail_step(acc_f, a, b, r_ptr, rm, k0 + rk, s_r0, s_r1, amask, flags_ptr, c1_ptr,
-                                           c2_ptr, fidx, fmask, FB)
+                        out = _tail_step(out, a, b, r_ptr, rm, k0 + rk, s_r0, s_r1, amask, flags_ptr, c1_ptr,
+                                         c2_ptr, fidx, fmask, FB)
                     else:
-                        acc_f = _tail_step(acc_f, a, b, r_ptr, k0 + rk, rn, s_r0, s_r1, bmask, flags_ptr, c1_ptr,
-                                           c2_ptr, fidx, fmask, FB)
-    cmask = (rm[:, None] < M) & (rn[None, :] < N)
-    c_ptrs = c_ptr + rm[:, None] * s_cm + rn[None, :] * s_cn
-    if RAW:
-        tl.store(c_ptrs, acc, mask=cmask)
-    else:
-        sa = tl.load(sa_ptr + rm, mask=rm < M, other=0.0)
-        out = (acc.to(tl.float32) + acc_f) * sa[:, None]
+                        out = _tail_step(out, a, b, r_ptr, k0 + rk, rn, s_r0, s_r1, bmask, flags_ptr, c1_ptr,
+                                         c2_ptr, fidx, fmask, FB)
+        out = out * tl.load(sa_ptr + rm, mask=rm < M, other=0.0)[:, None]
         if HAS_SB:
             out = out * tl.load(sb_ptr + rn, mask=rn < N, other=0.0)[None, :]
         tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=cmask)
@@ -258,12 +266,13 @@ def _gemm_launcher(tile: int):
 
 def _gemm(a, a_strides, b, b_strides, m, n, k, sa, sb, fb, fallback: TileQuant | None, r_strides, f_strides,
           out_dtype, tail: str, tile: int):
+    residual = None if fallback is None else (fallback.q2 if fb == 1 else fallback.q2t)
     c = torch.empty(m, n, dtype=out_dtype, device=a.device)
     kernel, meta = _gemm_launcher(tile)
     dummy = a
     grid = lambda cfg: (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     kernel[grid](a, b, c, sa, sb if sb is not None else sa,
-                 fallback.q2 if fallback is not None else dummy,
+                 residual if residual is not None else dummy,
                  fallback.flags if fallback is not None else dummy,
                  fallback.c1 if fallback is not None else sa,
                  fallback.c2 if fallback is not None else sa,
@@ -275,7 +284,7 @@ def _gemm(a, a_strides, b, b_strides, m, n, k, sa, sb, fb, fallback: TileQuant |
 
 
 def gemm_a_fallback(a: TileQuant, b_q: torch.Tensor, b_scale: torch.Tensor, out_dtype: torch.dtype,
-                    tail: str = "fused") -> torch.Tensor:
+                    tail: str = "separate") -> torch.Tensor:
     m, k = a.q.shape
     n = b_q.shape[0]
     fb = 1 if a.flags.numel() else 0
@@ -285,11 +294,12 @@ def gemm_a_fallback(a: TileQuant, b_q: torch.Tensor, b_scale: torch.Tensor, out_
 
 
 def gemm_b_fallback(a_q: torch.Tensor, a_scale: torch.Tensor, b: TileQuant, out_dtype: torch.dtype,
-                    tail: str = "fused") -> torch.Tensor:
+                    tail: str = "separate") -> torch.Tensor:
+    """B is read from b.qt / b.q2t (K, M): INT8 tensor cores want both operands K-major."""
     n, m = a_q.shape
-    k = b.q.shape[1]
-    return _gemm(a_q, (a_q.stride(0), a_q.stride(1)), b.q, (b.q.stride(0), b.q.stride(1)), n, k, m,
-                 a_scale, None, 2, b, (b.q2.stride(0), b.q2.stride(1)), (b.flags.stride(0), b.flags.stride(1)),
+    k = b.qt.shape[0]
+    return _gemm(a_q, (a_q.stride(0), a_q.stride(1)), b.qt, (b.qt.stride(1), b.qt.stride(0)), n, k, m,
+                 a_scale, None, 2, b, (b.q2t.stride(1), b.q2t.stride(0)), (b.flags.stride(0), b.flags.stride(1)),
                  out_dtype, tail, b.tile)
 
 
@@ -317,14 +327,17 @@ def tile_stats(x: torch.Tensor, tile: int, threshold: torch.Tensor, base_thresho
     rowmax = torch.empty(m, kt, dtype=torch.float32, device=x.device)
     flags = torch.empty(mt, kt, dtype=torch.int8, device=x.device)
     stats = torch.zeros(4, dtype=torch.int32, device=x.device)
-    thr = torch.as_tensor(threshold, dtype=torch.float32, device=x.device).reshape(1)
+    if isinstance(threshold, torch.Tensor):
+        thr = threshold.reshape(1)
+    else:  # a fill on the device, not a host-to-device copy
+        thr = torch.full((1,), float(threshold), dtype=torch.float32, device=x.device)
     _act_stats_kernel[(mt, kt)](x, x.stride(0), x.stride(1), m, k, kt, thr, float(base_threshold), rowmax, flags,
                                 stats, TILE=tile, FALLBACK=fallback, num_warps=8 if tile == 128 else 4)
     return rowmax, flags.bool(), stats
 
 
 def quantize_act(x: torch.Tensor, tile: int, threshold: torch.Tensor | float, base_threshold: float,
-                 fallback: bool, seed: int | None = None) -> TileQuant:
+                 fallback: bool, seed: int | None = None, transposed: bool = False) -> TileQuant:
     m, k = x.shape
     rowmax, flags, stats = tile_stats(x, tile, threshold, base_threshold, fallback)
     scale, inv = row_scales(rowmax, flags, tile)
@@ -333,10 +346,13 @@ def quantize_act(x: torch.Tensor, tile: int, threshold: torch.Tensor | float, ba
     q2 = torch.empty(m, k, dtype=torch.int8, device=x.device)
     c1 = torch.empty(mt, kt, dtype=torch.float32, device=x.device)
     c2 = torch.empty(mt, kt, dtype=torch.float32, device=x.device)
-    _act_quant_kernel[(mt, kt)](x, x.stride(0), x.stride(1), m, k, kt, inv, flags, q, q2, c1, c2, stats,
-                                seed or 0, TILE=tile, STOCHASTIC=seed is not None,
+    qt = torch.empty(k, m, dtype=torch.int8, device=x.device) if transposed else None
+    q2t = torch.empty(k, m, dtype=torch.int8, device=x.device) if transposed else None
+    _act_quant_kernel[(mt, kt)](x, x.stride(0), x.stride(1), m, k, kt, inv, flags, q, q2,
+                                qt if transposed else q, q2t if transposed else q2, c1, c2, stats,
+                                seed or 0, TILE=tile, STOCHASTIC=seed is not None, TRANSPOSED=transposed,
                                 num_warps=8 if tile == 128 else 4, **_NO_FMA)
-    return TileQuant(q, q2, scale, flags, c1, c2, stats.long(), tile)
+    return TileQuant(q, q2, scale, flags, c1, c2, stats.long(), tile, qt, q2t)
 
 
 def quantize_cols_t(x: torch.Tensor, row_mult: torch.Tensor | None = None,
@@ -347,12 +363,12 @@ def quantize_cols_t(x: torch.Tensor, row_mult: torch.Tensor | None = None,
     part = torch.empty(grid[0], n, dtype=torch.float32, device=x.device)
     mult = row_mult if row_mult is not None else part
     _col_absmax_kernel[grid](x, x.stride(0), x.stride(1), mult, m, n, part, HAS_MULT=row_mult is not None,
-                             BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+                             BLOCK_M=bm, BLOCK_N=bn, num_warps=4, **_NO_FMA)
     scale, inv = scales_from_absmax(part.amax(dim=0))
     qt = torch.empty(n, m, dtype=torch.int8, device=x.device)
     _col_quant_t_kernel[grid](x, x.stride(0), x.stride(1), mult, inv, m, n, qt, seed or 0,
                               HAS_MULT=row_mult is not None, STOCHASTIC=seed is not None,
-                              BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+                              BLOCK_M=bm, BLOCK_N=bn, num_warps=4, **_NO_FMA)
     return qt, scale
 
 

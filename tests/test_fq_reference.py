@@ -19,7 +19,7 @@ def fq_forward(x, w, tile=64, fallback=True):
 
 
 def fq_backward(x, w, dy, tile=64):
-    xq = R.quantize_act(x, tile, THR, THR, True)
+    xq = R.quantize_act(x, tile, THR, THR, True, transposed=True)
     dyq = R.quantize_act(dy, tile, THR, THR, True)
     wq_t, ws_t = R.quantize_cols_t(w)
     dx = R.gemm_a_fallback(dyq, wq_t, ws_t, torch.float32)

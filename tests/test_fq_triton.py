@@ -42,14 +42,17 @@ def assert_same_quant(a, b, m, k):
     fl = tile_mask(a.flags, a.tile, m, k)
     assert torch.equal(a.q2[fl], b.q2[fl])
     assert torch.equal(a.stats, b.stats)
+    if a.qt is not None:
+        assert torch.equal(a.qt, b.qt)
+        assert torch.equal(a.q2t.t()[fl], b.q2t.t()[fl])
 
 
 @pytest.mark.parametrize("tile,m,k", [(32, 70, 100), (64, 130, 200), (128, 129, 150)])
 def test_quantize_matches_reference_bitwise(tile, m, k):
     x = with_outliers(m, k, seed=tile)
     for fallback in (True, False):
-        a = R.quantize_act(x, tile, THR, THR, fallback)
-        b = T.quantize_act(x, tile, THR, THR, fallback)
+        a = R.quantize_act(x, tile, THR, THR, fallback, transposed=True)
+        b = T.quantize_act(x, tile, THR, THR, fallback, transposed=True)
         assert_same_quant(a, b, m, k)
     assert a.flags.any() or not fallback
 
@@ -83,7 +86,7 @@ def test_three_gemms_match_reference(tail, tile, m, k, n):
     w = rand(n, k, seed=6, scale=0.05)
     dy = rand(m, n, seed=7)
     dy[:, 1] *= 500.0
-    xq = T.quantize_act(x, tile, THR, THR, True)
+    xq = T.quantize_act(x, tile, THR, THR, True, transposed=True)
     wq, ws = T.quantize_rows(w)
     assert xq.flags.any()
     y_ref = R.gemm_a_fallback(xq, wq, ws, torch.float32)

@@ -65,7 +65,7 @@ def bench_shape(m, k, n, tile, bench, device):
     res["bf16_ms"] = t_bf16
     res["bf16_tflops"] = flops / t_bf16 / 1e9 if t_bf16 else 0.0
     wq, ws = T.quantize_rows(w)
-    xq = T.quantize_act(x, tile, THR, THR, True)
+    xq = T.quantize_act(x, tile, THR, THR, True, transposed=True)
 
     def speedup(t):
         return t_bf16 / t if t else 0.0
@@ -79,13 +79,14 @@ def bench_shape(m, k, n, tile, bench, device):
     res["quant_ms"] = t_q
     res["quant_tbps_min_bytes"] = 3.0 * m * k / t_q / 1e9 if t_q else 0.0  # read bf16 once, write int8
     res["quant_tbps_moved_bytes"] = 5.0 * m * k / t_q / 1e9 if t_q else 0.0  # two passes read x
+    res["quant_transposed_ms"] = bench(lambda: T.quantize_act(x, tile, THR, THR, True, transposed=True))
     for ratio in (0.0, 0.05, 0.2):
         xr = activations(m, k, ratio, tile, device, seed=1)
         xrq = T.quantize_act(xr, tile, THR, THR, True)
         res[f"ratio_{ratio}"] = xrq.flags.float().mean().item()
         for tail in ("fused", "separate"):
-            res[f"fwd_{ratio}_{tail}_x"] = speedup(bench(
-                lambda: T.gemm_a_fallback(T.quantize_act(xr, tile, THR, THR, True), wq, ws, torch.bfloat16, tail)))
+            res[f"fwd_{ratio}_{tail}_x"] = speedup(bench(lambda: T.gemm_a_fallback(
+                T.quantize_act(xr, tile, THR, THR, True, transposed=True), wq, ws, torch.bfloat16, tail)))
             res[f"gemm_{ratio}_{tail}_x"] = speedup(bench(
                 lambda: T.gemm_a_fallback(xrq, wq, ws, torch.bfloat16, tail)))
         if ratio == 0.05:
@@ -108,6 +109,15 @@ def bench_shape(m, k, n, tile, bench, device):
     t_lin = bench(lambda: torch.autograd.grad(lin(xg), (xg, lin.weight), gy))
     t_fql = bench(lambda: torch.autograd.grad(fql(xg), (xg, fql.weight), gy))
     assert fql.last_backend == "triton"
+    if device == "cuda" and not res.get("profiled"):
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                torch.autograd.grad(fql(xg), (xg, fql.weight), gy)
+            torch.cuda.synchronize()
+        res["profile"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14)
+        print(res["profile"], flush=True)
     res["fwd_bwd_bf16_ms"], res["fwd_bwd_fq_ms"] = t_lin, t_fql
     res["fwd_bwd_x"] = t_lin / t_fql if t_fql else 0.0
     # Where the backward time goes.
