@@ -80,7 +80,7 @@ def test_dry_run_prints_command(capsys, tmp_path):
 # ---- errors: clear, immediate ----------------------------------------------------------------
 
 @pytest.mark.parametrize("argv, message", [
-    (["--nproc", "3"], "not divisible by train.micro_batch_size x data-parallel size = 8 x 3"),
+    (["--nproc", "3"], "train.global_batch_size=16 is not divisible"),
     (["--nproc", "2", "--log-rank", "2"], "--log-rank 2: expected 'all' or a local rank 0..1"),
     (["--nproc", "0"], "--nproc 0: must be >= 1"),
     (["--nproc", "2", "--nnodes", "2"], "needs --rdzv-endpoint"),
