@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fq.reference import TileQuant, num_tiles, row_scales, scales_from_absmax
+from fq.reference import TileQuant, num_tiles
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _NO_FMA = {} if INTERPRET else {"enable_fp_fusion": False}
@@ -70,6 +70,40 @@ def _act_stats_kernel(x_ptr, s_xm, s_xk, M, K, KT, thr_ptr, base_thr, rowmax_ptr
     tl.atomic_add(stats_ptr + 0, flag.to(tl.int32))
     tl.atomic_add(stats_ptr + 1, crushed.to(tl.int32))
     tl.atomic_add(stats_ptr + 3, n_nonfinite)
+
+
+@triton.jit
+def _scales_kernel(absmax_ptr, s_r, s_j, flags_ptr, scale_ptr, inv_ptr, R, J,
+                   HAS_FLAGS: tl.constexpr, TILE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr):
+    """Scale and inverse scale of R rows from J partial absmax values each, skipping fallback
+    tiles (flags (R // TILE, J)); same arithmetic as reference.scales_from_absmax."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    js = tl.arange(0, BLOCK_J)
+    rmask = rows < R
+    am = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for j0 in range(0, J, BLOCK_J):
+        mask = rmask[:, None] & (j0 + js[None, :] < J)
+        v = tl.load(absmax_ptr + rows[:, None] * s_r + (j0 + js)[None, :] * s_j, mask=mask, other=0.0)
+        if HAS_FLAGS:
+            f = tl.load(flags_ptr + (rows[:, None] // TILE) * J + (j0 + js)[None, :], mask=mask, other=0)
+            v = tl.where(f != 0, 0.0, v)
+        am = tl.maximum(am, tl.max(v, axis=1))
+    pos = am > 0
+    scale = tl.where(pos, tl.math.div_rn(am, 127.0), 1.0)
+    inv = tl.where(pos, tl.math.div_rn(127.0, am), 1.0)
+    scale = tl.where(am == float("inf"), float("nan"), scale)
+    tl.store(scale_ptr + rows, scale, mask=rmask)
+    tl.store(inv_ptr + rows, inv, mask=rmask)
+
+
+def _scales(absmax, s_r, s_j, r, j, flags=None, tile=1):
+    scale = torch.empty(r, dtype=torch.float32, device=absmax.device)
+    inv = torch.empty_like(scale)
+    block_r = 32
+    _scales_kernel[(triton.cdiv(r, block_r),)](absmax, s_r, s_j, flags if flags is not None else absmax, scale, inv,
+                                               r, j, HAS_FLAGS=flags is not None, TILE=tile, BLOCK_R=block_r,
+                                               BLOCK_J=min(triton.next_power_of_2(j), 128), **_NO_FMA)
+    return scale, inv
 
 
 @triton.jit
@@ -333,15 +367,15 @@ def tile_stats(x: torch.Tensor, tile: int, threshold: torch.Tensor, base_thresho
         thr = torch.full((1,), float(threshold), dtype=torch.float32, device=x.device)
     _act_stats_kernel[(mt, kt)](x, x.stride(0), x.stride(1), m, k, kt, thr, float(base_threshold), rowmax, flags,
                                 stats, TILE=tile, FALLBACK=fallback, num_warps=8 if tile == 128 else 4)
-    return rowmax, flags.bool(), stats
+    return rowmax, flags.view(torch.bool), stats
 
 
 def quantize_act(x: torch.Tensor, tile: int, threshold: torch.Tensor | float, base_threshold: float,
                  fallback: bool, seed: int | None = None, transposed: bool = False) -> TileQuant:
     m, k = x.shape
     rowmax, flags, stats = tile_stats(x, tile, threshold, base_threshold, fallback)
-    scale, inv = row_scales(rowmax, flags, tile)
     mt, kt = flags.shape
+    scale, inv = _scales(rowmax, kt, 1, m, kt, flags.view(torch.int8), tile)
     q = torch.empty(m, k, dtype=torch.int8, device=x.device)
     q2 = torch.empty(m, k, dtype=torch.int8, device=x.device)
     c1 = torch.empty(mt, kt, dtype=torch.float32, device=x.device)
@@ -364,7 +398,7 @@ def quantize_cols_t(x: torch.Tensor, row_mult: torch.Tensor | None = None,
     mult = row_mult if row_mult is not None else part
     _col_absmax_kernel[grid](x, x.stride(0), x.stride(1), mult, m, n, part, HAS_MULT=row_mult is not None,
                              BLOCK_M=bm, BLOCK_N=bn, num_warps=4, **_NO_FMA)
-    scale, inv = scales_from_absmax(part.amax(dim=0))
+    scale, inv = _scales(part, 1, n, n, grid[0])
     qt = torch.empty(n, m, dtype=torch.int8, device=x.device)
     _col_quant_t_kernel[grid](x, x.stride(0), x.stride(1), mult, inv, m, n, qt, seed or 0,
                               HAS_MULT=row_mult is not None, STOCHASTIC=seed is not None,
