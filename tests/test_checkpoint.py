@@ -42,25 +42,24 @@ def test_kill_during_save_at_each_point_keeps_previous_checkpoint(saved, tmp_pat
         res = train(saved["cache"], tmp_path / point, "--train.steps=3", "--checkpoint.interval=3",
                     f"--checkpoint.dir={ck}", env={"FQTRAIN_FAULT": point}, expect_rc=FAULT_EXIT_CODE)
         assert f"FQTRAIN_FAULT={point}" in res.stderr
-        # Every run resumed from step 2 (or from the complete step 3 of the before_latest crash,
-        # which is the last point): the previous checkpoint stayed loadable.
+        # Every run resumed from step 2: the previous checkpoint stayed loadable.
         assert "resuming from" in res.stderr and "step-00000002 at step 2" in res.stderr, point
         assert verify(str(ck / "step-00000002"), full=True) is None, point
-        latest = read_latest(ck)
-        assert verify(str(ck / latest), full=True) is None, point  # `latest` is never partial
-        found = checkpointer(ck).find_resume()
-        if point == "before_latest":  # renamed with its manifest: complete, though not yet `latest`
-            assert latest == "step-00000002" and found == str(ck / "step-00000003")
+        assert read_latest(ck) == "step-00000002", point  # `latest` never names a partial save
+        assert checkpointer(ck).find_resume() == str(ck / "step-00000002"), point
+        if point == "before_latest":  # complete and in place, but not marked by `latest`
+            assert verify(str(ck / "step-00000003"), full=True) is None
         else:
-            assert latest == "step-00000002" and found == str(ck / "step-00000002"), point
             assert not (ck / "step-00000003").exists()
             assert (ck / "step-00000003.tmp").is_dir()
-    # The next save clears the crashed leftovers and moves `latest`.
-    res = train(saved["cache"], tmp_path / "after", "--train.steps=4", "--checkpoint.interval=4",
+    # The next run ignores the unmarked step 3, its saves replace it and clear the leftovers,
+    # and keep_latest prunes the oldest.
+    res = train(saved["cache"], tmp_path / "after", "--train.steps=4", "--checkpoint.interval=1",
                 "--checkpoint.keep_latest=2", f"--checkpoint.dir={ck}")
-    assert "step-00000003 at step 3" in res.stderr
+    assert "ignoring step-00000003: newer than 'latest'" in res.stderr
+    assert "step-00000002 at step 2" in res.stderr
     assert read_latest(ck) == "step-00000004" and not list(ck.glob("*.tmp"))
-    assert sorted(p.name for p in ck.glob("step-*")) == ["step-00000003", "step-00000004"]  # keep_latest
+    assert sorted(p.name for p in ck.glob("step-*")) == ["step-00000003", "step-00000004"]
     assert train_state(ck / "step-00000004")["consumed_samples"] == 4 * 8
 
 
@@ -80,10 +79,12 @@ def test_one_rank_dying_mid_save_on_two_ranks(saved, tmp_path):
 
 @pytest.fixture
 def two_checkpoints(saved, tmp_path):
-    """step-2 and a copy of it as step-4 (a manifest describes contents, not names)."""
+    """step-2 and a copy of it as step-4 (a manifest describes contents, not names), `latest`
+    naming step-4."""
     ck = tmp_path / "ck"
     shutil.copytree(saved["ck"], ck)
     shutil.copytree(ck / "step-00000002", ck / "step-00000004")
+    (ck / "latest").write_text("step-00000004\n")
     return ck
 
 
@@ -129,6 +130,17 @@ def test_missing_file_is_named(two_checkpoints, name):
     with pytest.raises(CheckpointError, match=str(ck / "step-00000004" / name)):
         checkpointer(ck, resume=str(ck / "step-00000004")).find_resume()
     assert checkpointer(ck).find_resume() == str(ck / "step-00000002")
+
+
+def test_auto_ignores_folders_newer_than_latest(two_checkpoints, caplog):
+    """A run restarted from step 2 has `latest` on its own saves; an old step-4 is not its past."""
+    ck = two_checkpoints
+    (ck / "latest").write_text("step-00000002\n")
+    with caplog.at_level(logging.WARNING, logger="fqtrain"):
+        assert checkpointer(ck).find_resume() == str(ck / "step-00000002")
+    assert "ignoring step-00000004" in caplog.text
+    os.remove(ck / "latest")  # no marker at all: the newest valid folder
+    assert checkpointer(ck).find_resume() == str(ck / "step-00000004")
 
 
 def test_nothing_valid_means_a_fresh_start(two_checkpoints):

@@ -12,8 +12,8 @@ Layout: {checkpoint.dir}/step-{N:08d}/ holds
 A save writes into step-N.tmp/, renames it into place only once every rank has finished and the
 manifest is written, and rewrites `latest` (atomically) after that. A crash mid-save therefore
 never leaves a folder that looks complete, and never touches the previous checkpoint.
-`checkpoint.resume=auto` takes the newest folder whose files match its manifest (sizes, then
-crc32) and falls back to an older one, with a warning, when they do not.
+`checkpoint.resume=auto` takes the checkpoint `latest` names if its files match its manifest
+(sizes, then crc32), else falls back to the newest older one that does, with a warning.
 
 Weight files (tools/convert_checkpoint.py, `checkpoint.init_from`): one consolidated torch or
 safetensors file with this model's parameter names, or a Hugging Face Llama folder
@@ -59,6 +59,10 @@ class CheckpointError(RuntimeError):
 
 def step_dir(root: str, step: int) -> str:
     return os.path.join(root, f"step-{step:08d}")
+
+
+def _step_of(path: str) -> int:
+    return int(STEP_RE.match(os.path.basename(path)).group(1))
 
 
 class Checkpointer:
@@ -116,6 +120,15 @@ class Checkpointer:
         names = sorted((n for n in os.listdir(self.root) if STEP_RE.match(n)), reverse=True)
         return [os.path.join(self.root, n) for n in names]
 
+    def latest_step(self) -> int | None:
+        """The step `latest` names, or None without a readable `latest`."""
+        try:
+            with open(os.path.join(self.root, "latest"), encoding="utf-8") as f:
+                m = STEP_RE.match(f.read().strip())
+        except OSError:
+            return None
+        return int(m.group(1)) if m else None
+
     def find_resume(self) -> str | None:
         """The checkpoint to resume from (verified: sizes and crc32), or None for a fresh start."""
         mode = self.cfg.resume
@@ -126,7 +139,17 @@ class Checkpointer:
             if problem:
                 raise CheckpointError(f"checkpoint.resume='{mode}': {problem}")
             return mode
-        for path in self.list_steps():
+        candidates = self.list_steps()
+        latest = self.latest_step()
+        if latest is not None:
+            # Folders past `latest` were never marked complete: a crash before `latest` was
+            # rewritten, or the future of a run restarted from an older checkpoint.
+            newer = [p for p in candidates if _step_of(p) > latest]
+            if newer and self.rank == 0:
+                log.warning(f"ignoring {', '.join(os.path.basename(p) for p in newer)}: newer than "
+                            f"'latest' (step-{latest:08d}); they will be overwritten as this run reaches them")
+            candidates = [p for p in candidates if _step_of(p) <= latest]
+        for path in candidates:
             problem = verify(path) or self._verify_all_ranks(path)
             if problem is None:
                 return path
@@ -226,14 +249,16 @@ class Checkpointer:
             _fsync_dir(self.root)
             _fault("before_latest", self.rank)
             _write_text(os.path.join(self.root, "latest"), os.path.basename(final) + "\n")
-            self._prune()
+            self._prune(_step_of(final))
             size = sum(rec["size"] for rec in files.values())
             log.info(f"saved checkpoint {final} ({size / 2**30:.3f} GiB in "
                      f"{time.perf_counter() - t0:.2f} s, of which rank 0's crc32 {crc_seconds:.2f} s)")
         dist.barrier()
 
-    def _prune(self) -> None:
-        for old in self.list_steps()[self.cfg.keep_latest:]:
+    def _prune(self, current: int) -> None:
+        """Keep the newest keep_latest checkpoints up to `current` (the one just saved)."""
+        older = [p for p in self.list_steps() if _step_of(p) < current]
+        for old in older[self.cfg.keep_latest - 1:]:
             shutil.rmtree(old, ignore_errors=True)
 
     def poll(self, all_done: bool) -> None:
