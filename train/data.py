@@ -19,7 +19,8 @@ Samples: the token stream is cut into windows of `seq_len + 1` tokens with strid
 the last token of window j is the first of window j+1 and every token after the first is a target
 exactly once per epoch. Windows run across document boundaries (EOS separates documents). Sample
 `i` of the infinite stream is window `perm_e[i % n]` of epoch `e = i // n`, where `perm_e` is a
-permutation seeded by (seed, e). A run's data position is therefore one integer, the number of
+permutation seeded by (seed, e): the argsort of n raw PCG64 outputs, stable across NumPy
+versions. A run's data position is therefore one integer, the number of
 samples consumed, and `batch(a, n)` equals the concatenation of any split of it into smaller
 batches: resuming, or changing the number of data-parallel ranks, replays exactly the same
 samples.
@@ -173,6 +174,8 @@ class SampleStream:
     def __init__(self, dataset: IndexedDataset, seq_len: int, seed: int):
         if seq_len <= 0:
             raise DataError(f"seq_len={seq_len}: must be > 0")
+        if seed < 0:
+            raise DataError(f"seed={seed}: must be >= 0")
         self.dataset, self.seq_len, self.seed = dataset, seq_len, seed
         self._n = max(0, (dataset.num_tokens - 1) // seq_len)
         if self._n == 0:
@@ -188,7 +191,11 @@ class SampleStream:
     def _perm(self, epoch: int) -> np.ndarray:
         perm = self._perms.get(epoch)
         if perm is None:
-            perm = np.random.default_rng([self.seed, epoch]).permutation(self._n)
+            # Sort keys from the raw PCG64 stream, which NumPy keeps stable across versions
+            # (Generator.permutation is not promised to be), so a run resumes on another
+            # machine with the same samples.
+            keys = np.random.PCG64([self.seed, epoch]).random_raw(self._n)
+            perm = np.argsort(keys, kind="stable")
             if len(self._perms) >= 2:  # a batch spans at most a few epochs; keep memory bounded
                 self._perms.pop(next(iter(self._perms)))
             self._perms[epoch] = perm
