@@ -19,8 +19,7 @@ Samples: the token stream is cut into windows of `seq_len + 1` tokens with strid
 the last token of window j is the first of window j+1 and every token after the first is a target
 exactly once per epoch. Windows run across document boundaries (EOS separates documents). Sample
 `i` of the infinite stream is window `perm_e[i % n]` of epoch `e = i // n`, where `perm_e` is a
-permutation seeded by (seed, e): the argsort of n raw PCG64 outputs, stable across NumPy
-versions. A run's data position is therefore one integer, the number of
+permutation seeded by (seed, e): the argsort of n raw PCG64 outputs. A run's data position is therefore one integer, the number of
 samples consumed, and `batch(a, n)` equals the concatenation of any split of it into smaller
 batches: resuming, or changing the number of data-parallel ranks, replays exactly the same
 samples.
@@ -191,9 +190,9 @@ class SampleStream:
     def _perm(self, epoch: int) -> np.ndarray:
         perm = self._perms.get(epoch)
         if perm is None:
-            # Sort keys from the raw PCG64 stream, which NumPy keeps stable across versions
-            # (Generator.permutation is not promised to be), so a run resumes on another
-            # machine with the same samples.
+            # Sort keys from the raw PCG64 stream: NumPy promises bit generators a stronger
+            # version-to-version stream stability than Generator methods such as permutation,
+            # and a run may resume on another machine. tests/test_data.py pins the order.
             keys = np.random.PCG64([self.seed, epoch]).random_raw(self._n)
             perm = np.argsort(keys, kind="stable")
             if len(self._perms) >= 2:  # a batch spans at most a few epochs; keep memory bounded
