@@ -15,14 +15,14 @@ Format (written by `tools/prepare_data.py` through `IndexedDatasetWriter`, read 
       num_docs   uint64
       num_tokens uint64
 
-Samples: the token stream is cut into windows of `seq_len + 1` tokens with stride `seq_len`, so
-the last token of window j is the first of window j+1 and every token after the first is a target
+Samples: the token stream is cut into windows of `seq_len + 1` tokens with stride `seq_len`, so the
+last token of window j is the first of window j+1 and every token after the first is a target
 exactly once per epoch. Windows run across document boundaries (EOS separates documents). Sample
 `i` of the infinite stream is window `perm_e[i % n]` of epoch `e = i // n`, where `perm_e` is a
-permutation seeded by (seed, e): the argsort of n raw PCG64 outputs. A run's data position is therefore one integer, the number of
-samples consumed, and `batch(a, n)` equals the concatenation of any split of it into smaller
-batches: resuming, or changing the number of data-parallel ranks, replays exactly the same
-samples.
+permutation seeded by (seed, e): the argsort of n raw PCG64 outputs. A run's data position is
+therefore one integer, the number of samples consumed, and `batch(a, n)` equals the concatenation
+of any split of it into smaller batches: resuming, or changing the number of data-parallel ranks,
+replays exactly the same samples.
 
 Only numpy and torch are needed here; training never imports `datasets`.
 """
