@@ -50,18 +50,15 @@ def _act_stats_kernel(x_ptr, s_xm, s_xk, M, K, KT, thr_ptr, base_thr, rowmax_ptr
     cols = pid_k * TILE + tl.arange(0, TILE)
     mask = (rows[:, None] < M) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None] * s_xm + cols[None, :] * s_xk, mask=mask, other=0.0).to(tl.float32)
-    ax = tl.abs(x)
-    nonfinite = (x != x) | (ax == float("inf"))
-    ax = tl.where(nonfinite, 0.0, ax)
-    rowmax = tl.max(tl.where(nonfinite, float("inf"), ax), axis=1)
+    ax = tl.where(x != x, float("inf"), tl.abs(x))  # NaN/Inf -> inf: marks the row, fails the crest test
+    rowmax = tl.max(ax, axis=1)
     tl.store(rowmax_ptr + rows * KT + pid_k, rowmax, mask=rows < M)
-    amax = tl.max(tl.max(ax, axis=1), axis=0)
+    amax = tl.max(rowmax, axis=0)
+    finite = amax < float("inf")
     sumsq = tl.sum(tl.sum(ax * ax, axis=1), axis=0)
     count = (tl.minimum(M - pid_m * TILE, TILE) * tl.minimum(K - pid_k * TILE, TILE)).to(tl.float32)
-    n_nonfinite = tl.sum(tl.sum(nonfinite.to(tl.int32), axis=1), axis=0)
     lhs = amax * amax * count
     thr = tl.load(thr_ptr)
-    finite = n_nonfinite == 0
     flag = (lhs > thr * thr * sumsq) & finite
     if not FALLBACK:
         flag = flag & False
@@ -69,7 +66,8 @@ def _act_stats_kernel(x_ptr, s_xm, s_xk, M, K, KT, thr_ptr, base_thr, rowmax_ptr
     tl.store(flags_ptr + pid_m * KT + pid_k, flag.to(tl.int8))
     tl.atomic_add(stats_ptr + 0, flag.to(tl.int32))
     tl.atomic_add(stats_ptr + 1, crushed.to(tl.int32))
-    tl.atomic_add(stats_ptr + 3, n_nonfinite)
+    if not finite:
+        tl.atomic_add(stats_ptr + 3, tl.sum(tl.sum((ax == float("inf")).to(tl.int32), axis=1), axis=0))
 
 
 @triton.jit
@@ -119,31 +117,36 @@ def _act_quant_kernel(x_ptr, s_xm, s_xk, M, K, KT, inv_ptr, flags_ptr, q_ptr, q2
     z = x * inv[:, None]
     z = tl.where((z == z) & (tl.abs(z) < float("inf")), z, 0.0)
     flag = tl.load(flags_ptr + pid_m * KT + pid_k) != 0
-    az = tl.max(tl.max(tl.abs(z), axis=1), axis=0)
-    c1 = tl.where(flag, tl.math.div_rn(az, 127.0), 0.0)
-    inv1 = tl.where(flag & (az > 0), tl.math.div_rn(127.0, az), 1.0)
     offs = rows[:, None] * K + cols[None, :]
-    r1 = _round(z * inv1, seed, offs, STOCHASTIC)
-    n_sat = tl.sum(tl.sum((tl.abs(r1) > 127.0).to(tl.int32), axis=1), axis=0)
-    q = tl.minimum(tl.maximum(r1, -127.0), 127.0)
+    c1 = tl.sum(inv, axis=0) * 0.0
+    c2 = c1
+    if flag:
+        az = tl.max(tl.max(tl.abs(z), axis=1), axis=0)
+        c1 = tl.math.div_rn(az, 127.0)
+        inv1 = tl.where(az > 0, tl.math.div_rn(127.0, az), 1.0)
+        q = _round(z * inv1, seed, offs, STOCHASTIC)
+    else:
+        q = _round(z, seed, offs, STOCHASTIC)
+    if STOCHASTIC:  # round-to-nearest of |z| <= 127 cannot exceed 127
+        tl.atomic_add(stats_ptr + 2, tl.sum(tl.sum((tl.abs(q) > 127.0).to(tl.int32), axis=1), axis=0))
+    q = tl.minimum(tl.maximum(q, -127.0), 127.0)
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], q.to(tl.int8), mask=mask)
     if TRANSPOSED:  # (K, M) copy: the K-major B operand of the weight-gradient GEMM
         tl.store(qt_ptr + cols[None, :] * M + rows[:, None], q.to(tl.int8), mask=mask)
-    c2 = az * 0.0
     if flag:
         resid = z - q * c1
         ar = tl.max(tl.max(tl.abs(resid), axis=1), axis=0)
         c2 = tl.math.div_rn(ar, 127.0)
         inv2 = tl.where(ar > 0, tl.math.div_rn(127.0, ar), 0.0)
         r2 = _round(resid * inv2, seed + 1, offs, STOCHASTIC)
-        n_sat += tl.sum(tl.sum((tl.abs(r2) > 127.0).to(tl.int32), axis=1), axis=0)
+        if STOCHASTIC:
+            tl.atomic_add(stats_ptr + 2, tl.sum(tl.sum((tl.abs(r2) > 127.0).to(tl.int32), axis=1), axis=0))
         q2 = tl.minimum(tl.maximum(r2, -127.0), 127.0)
         tl.store(q2_ptr + rows[:, None] * K + cols[None, :], q2.to(tl.int8), mask=mask)
         if TRANSPOSED:
             tl.store(q2t_ptr + cols[None, :] * M + rows[:, None], q2.to(tl.int8), mask=mask)
     tl.store(c1_ptr + pid_m * KT + pid_k, c1)
     tl.store(c2_ptr + pid_m * KT + pid_k, c2)
-    tl.atomic_add(stats_ptr + 2, n_sat)
 
 
 @triton.jit
