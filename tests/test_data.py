@@ -209,7 +209,8 @@ def test_undecodable_bytes(tmp_path, tok, capsys):
     assert prepare_main([str(bad), "--tokenizer", tok, "--output", out, "--errors",
                          "replace", "--workers", "1"]) == 0
     sp = spm.SentencePieceProcessor(model_file=tok)
-    assert sp.decode(IndexedDataset(out).document(0)[:-1].tolist()) == "good text\n\ufffd\ufffd more"
+    replaced = sp.decode(IndexedDataset(out).document(0)[:-1].tolist())
+    assert replaced == "good text\n\ufffd\ufffd more"
     jl = tmp_path / "bad.jsonl"
     jl.write_bytes(b'{"text": "ok"}\n{"text": "b\xc3"}\n')
     with pytest.raises(DataError, match=r"bad\.jsonl: invalid UTF-8 at byte offset 26"):

@@ -71,7 +71,8 @@ class IndexedDatasetWriter:
         self.num_tokens = 0
 
     def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        """Append documents: `tokens` is their concatenation (EOS included), `lengths` their sizes."""
+        """Append documents: `tokens` is their concatenation (EOS included), `lengths` their
+        sizes."""
         tokens = np.asarray(tokens)
         lengths = np.asarray(lengths, dtype=np.int64)
         if int(lengths.sum()) != tokens.size:
@@ -220,7 +221,8 @@ class SampleStream:
 
 
 def resolve_val_prefix(path: str, val_path: str) -> str | None:
-    """The validation prefix: val_path if given, else f"{path}_val" when its pair exists, else None."""
+    """The validation prefix: val_path if given, else f"{path}_val" when its pair exists, else
+    None."""
     if val_path:
         return val_path
     candidate = f"{path}_val"

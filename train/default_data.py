@@ -180,13 +180,15 @@ def _build(folder: str, vocab_size: int, corpus_bytes: int) -> None:
 def default_folder(vocab_size: int, corpus_bytes: int = DEFAULT_CORPUS_BYTES) -> str:
     """The cache folder of the default dataset for this Python, vocabulary and corpus size."""
     v = sys.version_info
-    name = f"default-py{v.major}.{v.minor}.{v.micro}-v{vocab_size}-c{corpus_bytes}-f{FORMAT_VERSION}"
+    name = (f"default-py{v.major}.{v.minor}.{v.micro}-v{vocab_size}-c{corpus_bytes}"
+            f"-f{FORMAT_VERSION}")
     return os.path.join(cache_root(), name)
 
 
 def ensure_default_dataset(vocab_size: int = 2048, *,
                            corpus_bytes: int = DEFAULT_CORPUS_BYTES) -> str:
-    """Build the default dataset once (cached) and return its train prefix; val is f"{prefix}_val"."""
+    """Build the default dataset once (cached) and return its train prefix; the validation
+    prefix is f"{prefix}_val"."""
     folder = default_folder(vocab_size, corpus_bytes)
     root, name = os.path.split(folder)
     prefix = os.path.join(folder, "train")
