@@ -52,27 +52,17 @@ class _Blocks:
     """Block layout of one rank's row: each parameter of the FSDP group starts a new block
     (`segments`: the parameters' padded shard sizes, in FSDP's order). A row that does not add
     up to the segments (e.g. a reduce-scatter without some parameters' gradients) is cut into
-    plain blocks. Large rows travel as pieces of at most PIECE_BLOCKS blocks, each one
-    [int8 | scales] of its own, so quantizing the next piece and dequantizing the previous one
-    overlap with the transfer of this one."""
-
-    PIECE_BLOCKS = 32768  # 8 Mi values, ~8.4 MB of payload per rank
+    plain blocks."""
 
     def __init__(self, block: int, segments: list[int] | None):
         self.block = block
         self.segments = segments
         self._layouts: dict[int, Layout] = {}
-        self._pieces: dict[int, list[tuple[int, Layout]]] = {}
 
     def layout(self, n: int) -> Layout:
         if n not in self._layouts:
             self._layouts[n] = Layout(n, self.block, self.segments)
         return self._layouts[n]
-
-    def pieces(self, n: int) -> list[tuple[int, Layout]]:
-        if n not in self._pieces:
-            self._pieces[n] = self.layout(n).pieces(self.PIECE_BLOCKS)
-        return self._pieces[n]
 
 
 class Int8AllGather(_PlainAlloc, _Blocks, AllGather):
@@ -85,19 +75,15 @@ class Int8AllGather(_PlainAlloc, _Blocks, AllGather):
             # FSDP packs parameters of mixed dtypes as raw bytes: nothing to quantize.
             return dist.all_gather_into_tensor(output_tensor, input_tensor, group=group, async_op=async_op)
         world, n = group.size(), input_tensor.numel()
-        out = output_tensor.view(world, n)
-        # input_tensor is this rank's slot of output_tensor: every piece is quantized before the
-        # first one is dequantized over it.
-        sent = []
-        for offset, layout in self.pieces(n):
-            send = quantize_rows(input_tensor[offset:offset + layout.n].view(1, -1), self.block, layout=layout)
-            recv = torch.empty(world, send.shape[1], dtype=torch.uint8, device=send.device)
-            _count("all_gather", send.numel())
-            work = dist.all_gather_into_tensor(recv, send, group=group, async_op=True)
-            sent.append((offset, layout, recv, work))
-        for offset, layout, recv, work in sent:
-            work.wait()
-            dequantize_rows(recv, layout.n, self.block, out[:, offset:offset + layout.n], layout)
+        layout = self.layout(n)
+        # input_tensor is this rank's slot of output_tensor: quantize it before anything lands.
+        # (Pipelining pieces of the row through async all-gathers was measured slower on
+        # NVLink: docs/benchmarks.md.)
+        send = quantize_rows(input_tensor.view(1, n), self.block, layout=layout)
+        recv = torch.empty(world, send.shape[1], dtype=torch.uint8, device=send.device)
+        _count("all_gather", send.numel())
+        dist.all_gather_into_tensor(recv, send, group=group)
+        dequantize_rows(recv, n, self.block, output_tensor.view(world, n), layout)
         return None
 
 
@@ -144,18 +130,12 @@ class Int8ReduceScatter(_PlainAlloc, _Blocks, ReduceScatter):
             if self._residual is None or self._residual.shape != rows.shape or self._residual.device != rows.device:
                 self._residual = torch.zeros(rows.shape, dtype=torch.float32, device=rows.device)
             residual = self._residual
-        sent = []
-        for offset, layout in self.pieces(n):
-            cols = slice(offset, offset + layout.n)
-            send = quantize_rows(rows[:, cols], self.block, layout=layout, stochastic=self.stochastic,
-                                 residual=residual[:, cols] if residual is not None else None)
-            recv = torch.empty_like(send)
-            _count("reduce_scatter", send.numel())
-            work = dist.all_to_all_single(recv, send, group=group, async_op=True)
-            sent.append((cols, layout, recv, work))
-        for cols, layout, recv, work in sent:
-            work.wait()
-            dequantize_sum(recv, layout.n, self.block, output_tensor[cols], layout)
+        layout = self.layout(n)
+        send = quantize_rows(rows, self.block, layout=layout, stochastic=self.stochastic, residual=residual)
+        recv = torch.empty_like(send)
+        _count("reduce_scatter", send.numel())
+        dist.all_to_all_single(recv, send, group=group)
+        dequantize_sum(recv, n, self.block, output_tensor, layout)
         if not is_sum:
             output_tensor.div_(world)
         return None

@@ -53,31 +53,6 @@ class Layout:
                                     torch.cat(lengths or empty[1]).to(device))
         return self._tables[device]
 
-    def pieces(self, max_blocks: int) -> list[tuple[int, Layout]]:
-        """Cut the row into consecutive pieces of at most `max_blocks` blocks, each block kept
-        whole: (offset of the piece in the row, its layout), to pipeline a collective."""
-        out: list[tuple[int, Layout]] = []
-        segs: list[int] = []
-        offset = n = blocks = 0
-
-        def flush():
-            nonlocal segs, offset, n, blocks
-            if n:
-                out.append((offset, Layout(n, self.block, segs)))
-            offset, segs, n, blocks = offset + n, [], 0, 0
-
-        for seg in self.segments:
-            pos = 0
-            while pos < seg:
-                take_blocks = min(max_blocks - blocks, -(-(seg - pos) // self.block))
-                take = min(seg - pos, take_blocks * self.block)
-                segs.append(take)
-                n, blocks, pos = n + take, blocks + take_blocks, pos + take
-                if blocks == max_blocks:
-                    flush()
-        flush()
-        return out
-
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """(R, n) -> (R, nb * block): every segment zero-padded to whole blocks."""
         if self.uniform:

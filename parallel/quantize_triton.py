@@ -77,14 +77,15 @@ if triton is not None:
         tl.store(out_ptr + row * out_stride + col, (q * s[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _dequantize_sum_kernel(q_ptr, s_ptr, out_ptr, starts_ptr, lengths_ptr, rows, nb, row_bytes,
-                               q_bytes, BLOCK: tl.constexpr, GROUP: tl.constexpr):
+    def _dequantize_sum_kernel(q_ptr, s_ptr, out_ptr, starts_ptr, lengths_ptr, nb, row_bytes,
+                               q_bytes, ROWS: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr):
         blk, in_row, pcol, col, mask = _block_columns(starts_ptr, lengths_ptr, nb, BLOCK, GROUP)
         acc = tl.zeros((GROUP, BLOCK), dtype=tl.float32)
         # Pointers advance row by row: 64-bit arithmetic however large the payload.
         q_row = q_ptr
         s_row = s_ptr + q_bytes // 4
-        for _ in range(rows):
+        # ROWS (the group size) is a compile-time constant: one kernel per group size.
+        for _ in tl.static_range(ROWS):
             q = tl.load(q_row + pcol, mask=mask, other=0)
             q = q.to(tl.int8, bitcast=True).to(tl.float32)
             s = tl.load(s_row + blk, mask=in_row, other=0.0)
@@ -124,5 +125,5 @@ def dequantize_sum(payload: torch.Tensor, out: torch.Tensor, tables, block: int,
     starts, lengths = tables
     nb = starts.numel()
     _dequantize_sum_kernel[_grid(nb, block)](
-        payload, payload.view(torch.float32), out, starts, lengths, payload.shape[0], nb,
-        payload.shape[1], q_bytes, BLOCK=block, GROUP=_group(block), enable_fp_fusion=False)
+        payload, payload.view(torch.float32), out, starts, lengths, nb, payload.shape[1], q_bytes,
+        ROWS=payload.shape[0], BLOCK=block, GROUP=_group(block), enable_fp_fusion=False)

@@ -114,31 +114,6 @@ def _replica_all_reduce_checks(rank, world, g):
         assert rel < 0.04, rel  # two roundings (reduce-scatter, all-gather), heavy tails
 
 
-def _pipelined_checks(rank, world, g):
-    # Small pieces (3 blocks) must give bitwise the results of one piece: the blocks are the same.
-    n, segments = 3000, [1000, 7, 1993]
-    local = torch.randn(n, generator=g)
-    outs = []
-    for piece_blocks in (10**9, 3):
-        comm = Int8AllGather(BLOCK, segments)
-        comm.PIECE_BLOCKS = piece_blocks
-        out = torch.empty(world * n)
-        out[rank * n:(rank + 1) * n] = local
-        comm(out, out[rank * n:(rank + 1) * n], dist.group.WORLD)
-        outs.append(out)
-    assert torch.equal(outs[0], outs[1])
-    x = torch.randn(world * n, generator=g)
-    outs = []
-    for piece_blocks in (10**9, 3):
-        comm = Int8ReduceScatter(BLOCK, error_feedback=True, segments=segments)
-        comm.PIECE_BLOCKS = piece_blocks
-        out = torch.empty(n)
-        comm(out, x.clone(), dist.group.WORLD, dist.ReduceOp.SUM)
-        comm(out, x.clone(), dist.group.WORLD, dist.ReduceOp.SUM)  # second call uses the residual
-        outs.append(out)
-    assert torch.equal(outs[0], outs[1])
-
-
 def _bytes_checks(rank, world, g):
     reset_comm_stats()
     n = 8192
@@ -159,7 +134,6 @@ def _worker(rank, world):
     _reduce_scatter_checks(rank, world, g)
     _error_feedback_checks(rank, world, g)
     _replica_all_reduce_checks(rank, world, g)
-    _pipelined_checks(rank, world, g)
     _bytes_checks(rank, world, g)
 
 
