@@ -19,7 +19,7 @@ Samples: the token stream is cut into windows of `seq_len + 1` tokens with strid
 last token of window j is the first of window j+1 and every token after the first is a target
 exactly once per epoch. Windows run across document boundaries (EOS separates documents). Sample
 `i` of the infinite stream is window `perm_e[i % n]` of epoch `e = i // n`, where `perm_e` is a
-permutation seeded by (seed, e): the argsort of n raw PCG64 outputs. A run's data position is
+permutation seeded by (seed, e), computed per index (`IndexPermutation`). A run's data position is
 therefore one integer, the number of samples consumed, and `batch(a, n)` equals the concatenation
 of any split of it into smaller batches: resuming, or changing the number of data-parallel ranks,
 replays exactly the same samples.
@@ -167,6 +167,58 @@ class IndexedDataset:
                 f"vocab={self.vocab_size}, dtype={self.dtype})")
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x):
+    """splitmix64's finalizer: a bijective 64-bit hash (Python ints or uint64 arrays)."""
+    if isinstance(x, int):
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+        return x ^ (x >> 31)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+class IndexPermutation:
+    """A seeded pseudo-random permutation of range(n), evaluated per index in O(1) memory.
+
+    A 6-round Feistel network on 2k bits (4^k >= n) with a splitmix64 round function is a
+    bijection of [0, 4^k); indices it maps outside [0, n) are mapped again until they land
+    inside ("cycle walking"), which keeps it a bijection of [0, n). Pure integer arithmetic:
+    the same permutation on every machine and NumPy version, and no n-sized table to build or
+    hold, however large the corpus.
+    """
+
+    ROUNDS = 6
+
+    def __init__(self, n: int, seed: int, stream: int = 0):
+        if n <= 0:
+            raise ValueError(f"permutation of {n} elements")
+        self.n = n
+        self._half = max(1, (max(n - 1, 1).bit_length() + 1) // 2)
+        base = _mix64((seed * 0x9E3779B97F4A7C15 + stream) & _MASK64)
+        self._keys = [np.uint64(_mix64((base + r * 0xD1B54A32D192ED03) & _MASK64))
+                      for r in range(self.ROUNDS)]
+
+    def _feistel(self, x: np.ndarray) -> np.ndarray:
+        k = np.uint64(self._half)
+        mask = np.uint64((1 << self._half) - 1)
+        left, right = x >> k, x & mask
+        for key in self._keys:
+            left, right = right, left ^ (_mix64(right ^ key) & mask)
+        return (left << k) | right
+
+    def __call__(self, idx: np.ndarray) -> np.ndarray:
+        x = self._feistel(np.asarray(idx, dtype=np.uint64))
+        outside = x >= self.n
+        while outside.any():
+            x[outside] = self._feistel(x[outside])
+            outside = x >= self.n
+        return x.astype(np.int64)
+
+
 class SampleStream:
     """Windows of seq_len+1 tokens packed across documents; sample i of the infinite stream is
     window perm_e[i % n] of epoch e = i // n, with perm_e a seeded permutation per epoch."""
@@ -182,24 +234,10 @@ class SampleStream:
             raise DataError(f"dataset '{dataset.prefix}' has {dataset.num_tokens} tokens, fewer "
                             f"than one window of seq_len+1 = {seq_len + 1}; use more text or a "
                             f"smaller data.seq_len")
-        self._perms: dict[int, np.ndarray] = {}
         self._offsets = np.arange(seq_len + 1, dtype=np.int64)
 
     def __len__(self) -> int:
         return self._n
-
-    def _perm(self, epoch: int) -> np.ndarray:
-        perm = self._perms.get(epoch)
-        if perm is None:
-            # Sort keys from the raw PCG64 stream: NumPy promises bit generators a stronger
-            # version-to-version stream stability than Generator methods such as permutation,
-            # and a run may resume on another machine. tests/test_data.py pins the order.
-            keys = np.random.PCG64([self.seed, epoch]).random_raw(self._n)
-            perm = np.argsort(keys, kind="stable")
-            if len(self._perms) >= 2:  # a batch spans at most a few epochs; keep memory bounded
-                self._perms.pop(next(iter(self._perms)))
-            self._perms[epoch] = perm
-        return perm
 
     def windows(self, start: int, count: int) -> np.ndarray:
         """Window indices (into the epoch's unshuffled windows) of samples start..start+count-1."""
@@ -210,7 +248,7 @@ class SampleStream:
         out = np.empty(count, dtype=np.int64)
         for e in np.unique(epochs):
             sel = epochs == e
-            out[sel] = self._perm(int(e))[pos[sel]]
+            out[sel] = IndexPermutation(self._n, self.seed, int(e))(pos[sel])
         return out
 
     def batch(self, start: int, count: int) -> torch.Tensor:
