@@ -78,14 +78,17 @@ def _scales_kernel(absmax_ptr, s_r, s_j, flags_ptr, scale_ptr, inv_ptr, R, J,
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     js = tl.arange(0, BLOCK_J)
     rmask = rows < R
-    am = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    # Elementwise max across the loop, one reduction after it (a reduction inside the loop
+    # crashed Triton 3.6's TritonGPUOptimizeThreadLocality pass).
+    acc = tl.zeros((BLOCK_R, BLOCK_J), dtype=tl.float32)
     for j0 in range(0, J, BLOCK_J):
         mask = rmask[:, None] & (j0 + js[None, :] < J)
         v = tl.load(absmax_ptr + rows[:, None] * s_r + (j0 + js)[None, :] * s_j, mask=mask, other=0.0)
         if HAS_FLAGS:
             f = tl.load(flags_ptr + (rows[:, None] // TILE) * J + (j0 + js)[None, :], mask=mask, other=0)
             v = tl.where(f != 0, 0.0, v)
-        am = tl.maximum(am, tl.max(v, axis=1))
+        acc = tl.maximum(acc, v)
+    am = tl.max(acc, axis=1)
     pos = am > 0
     scale = tl.where(pos, tl.math.div_rn(am, 127.0), 1.0)
     inv = tl.where(pos, tl.math.div_rn(127.0, am), 1.0)
@@ -205,7 +208,7 @@ def _tail_step(acc_f, a, b, r_ptr, rr0, rr1, s_r0, s_r1, rmask, flags_ptr, c1_pt
 
 
 @triton.jit
-def _fq_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, r_ptr, flags_ptr, c1_ptr, c2_ptr,
+def _fq_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, r_ptr, flags_ptr, any_ptr, c1_ptr, c2_ptr,
                     M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn, s_r0, s_r1, s_f0, s_f1,
                     TILE: tl.constexpr, FB: tl.constexpr, FUSED: tl.constexpr, HAS_SB: tl.constexpr,
                     RAW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
@@ -253,7 +256,12 @@ def _fq_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, r_ptr, flags_ptr, c1_pt
         if FUSED:
             out += acc_f
         elif FB != 0:
-            for k0 in range(0, K, BLOCK_K):
+            # Blocks whose row (A side) or column (B side) tiles hold no fallback skip the tail.
+            if FB == 1:
+                blk = tl.load(any_ptr + rm // TILE, mask=rm < M, other=0)
+            else:
+                blk = tl.load(any_ptr + rn // TILE, mask=rn < N, other=0)
+            for k0 in range(0, K * (tl.max(blk.to(tl.int32), axis=0) != 0), BLOCK_K):
                 kt = k0 // TILE
                 if FB == 1:
                     fidx = (rm // TILE) * s_f0 + kt * s_f1
@@ -302,22 +310,25 @@ def _gemm_launcher(tile: int):
 
 
 def _gemm(a, a_strides, b, b_strides, m, n, k, sa, sb, fb, fallback: TileQuant | None, r_strides, f_strides,
-          out_dtype, tail: str, tile: int):
+          out_dtype, tail: str, tile: int, config: dict | None = None):
+    """Launch the GEMM; with `config` (block sizes, num_warps, num_stages) skip autotuning and
+    return (C, compiled kernel) so benchmarks can read registers and spills."""
     residual = None if fallback is None else (fallback.q2 if fb == 1 else fallback.q2t)
     c = torch.empty(m, n, dtype=out_dtype, device=a.device)
-    kernel, meta = _gemm_launcher(tile)
+    kernel, meta = (_fq_gemm_kernel, config) if config else _gemm_launcher(tile)
     dummy = a
     grid = lambda cfg: (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-    kernel[grid](a, b, c, sa, sb if sb is not None else sa,
+    compiled = kernel[grid](a, b, c, sa, sb if sb is not None else sa,
                  residual if residual is not None else dummy,
                  fallback.flags if fallback is not None else dummy,
+                 fallback.flags.any(dim=1 if fb == 1 else 0) if fallback is not None else dummy,
                  fallback.c1 if fallback is not None else sa,
                  fallback.c2 if fallback is not None else sa,
                  m, n, k, a_strides[0], a_strides[1], b_strides[0], b_strides[1], c.stride(0), c.stride(1),
                  r_strides[0], r_strides[1], f_strides[0], f_strides[1],
                  TILE=tile, FB=fb, FUSED=(tail == "fused"), HAS_SB=sb is not None, RAW=out_dtype == torch.int32,
                  **meta)
-    return c
+    return (c, compiled) if config else c
 
 
 def gemm_a_fallback(a: TileQuant, b_q: torch.Tensor, b_scale: torch.Tensor, out_dtype: torch.dtype,

@@ -103,6 +103,21 @@ def test_three_gemms_match_reference(tail, tile, m, k, n):
     assert ((dw - dw_ref).norm() / dw_ref.norm()) < 1e-6
 
 
+def test_single_fallback_tile_skips_other_blocks():
+    x = rand(200, 160, seed=12)
+    x[70, 40] = 3000.0  # one fallback tile, (1, 1) at tile 64: other row/column blocks skip the tail
+    w = rand(90, 160, seed=13, scale=0.05)
+    dy = rand(200, 90, seed=14)
+    xq = T.quantize_act(x, 64, THR, THR, True, transposed=True)
+    assert int(xq.flags.sum()) == 1 and bool(xq.flags[1, 0])
+    wq, ws = T.quantize_rows(w)
+    y_ref = R.gemm_a_fallback(xq, wq, ws, torch.float32)
+    assert ((T.gemm_a_fallback(xq, wq, ws, torch.float32) - y_ref).norm() / y_ref.norm()) < 1e-6
+    dq_t, ds = T.quantize_cols_t(dy, row_mult=xq.scale)
+    dw_ref = R.gemm_b_fallback(dq_t, ds, xq, torch.float32)
+    assert ((T.gemm_b_fallback(dq_t, ds, xq, torch.float32) - dw_ref).norm() / dw_ref.norm()) < 1e-6
+
+
 def test_nonfinite_and_zero_inputs():
     x = rand(70, 64, seed=8)
     x[5, 3] = float("nan")

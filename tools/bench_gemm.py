@@ -139,6 +139,36 @@ def bench_shape(m, k, n, tile, bench, device):
     return res
 
 
+def gemm_configs_diag(m, k, n, tile, bench, device):
+    """Every GEMM config on the three operand layouts at 5% fallback: time, registers, spills."""
+    x = activations(m, k, 0.05, tile, device, seed=1)
+    w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
+    gy = torch.randn(m, n, device=device, dtype=torch.bfloat16)
+    xq = T.quantize_act(x, tile, THR, THR, True, transposed=True)
+    wq, ws = T.quantize_rows(w)
+    dq_t, ds = T.quantize_cols_t(gy, row_mult=xq.scale)
+    t_bf16 = bench(lambda: x @ w.t())
+    out = []
+    for cfg in T._gemm_configs(tile):
+        meta = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        runs = {
+            "rowwise": lambda: T._gemm(xq.q, (k, 1), wq, (1, k), m, n, k, xq.scale, ws, 0, None, (0, 0), (0, 0),
+                                       torch.bfloat16, "separate", tile, meta),
+            "fwd_5%": lambda: T._gemm(xq.q, (k, 1), wq, (1, k), m, n, k, xq.scale, ws, 1, xq, (k, 1),
+                                      (xq.flags.stride(0), 1), torch.bfloat16, "separate", tile, meta),
+            "dw_5%": lambda: T._gemm(dq_t, (m, 1), xq.qt, (1, m), n, k, m, ds, None, 2, xq, (1, m),
+                                     (xq.flags.stride(0), 1), torch.bfloat16, "separate", tile, meta),
+        }
+        for name, fn in runs.items():
+            _, ck = fn()
+            t = bench(fn)
+            row = {"config": meta, "gemm": name, "x_bf16_fwd": t_bf16 / t if t else 0.0,
+                   "regs": getattr(ck, "n_regs", None), "spills": getattr(ck, "n_spills", None)}
+            print(json.dumps(row), flush=True)
+            out.append(row)
+    return out
+
+
 def copy_bandwidth(bench, device, nbytes=2**31):
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
     dst = torch.empty_like(src)
@@ -168,6 +198,7 @@ def main():
     ap.add_argument("--tile", type=int, default=128)
     ap.add_argument("--shapes", default="", help="M,K,N;M,K,N (default: Llama shapes with M=16384)")
     ap.add_argument("--json", default="", help="write every figure here")
+    ap.add_argument("--diag", action="store_true", help="also time every GEMM config (registers, spills)")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.dry:
@@ -187,9 +218,10 @@ def main():
         r = bench_shape(m, k, n, args.tile, bench, device)
         print(json.dumps(r), flush=True)
         results.append(r)
+    diag = gemm_configs_diag(*shapes[0], args.tile, bench, device) if args.diag else []
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"env": env, "results": results}, f, indent=1)
+            json.dump({"env": env, "results": results, "gemm_configs": diag}, f, indent=1)
     print(table(results, copy_tbps))
 
 
