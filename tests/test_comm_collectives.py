@@ -141,3 +141,11 @@ def _worker(rank, world):
 @pytest.mark.parametrize("world", [2, 4])
 def test_int8_collectives(world):
     run_workers(_worker, world, timeout=180)
+
+
+def test_unsupported_reduce_op_is_refused():
+    from parallel.collectives import _sum_only
+
+    assert _sum_only(dist.ReduceOp.SUM) and not _sum_only(dist.ReduceOp.AVG)
+    with pytest.raises(ValueError, match="force-sum"):
+        _sum_only(dist.ReduceOp.MAX)

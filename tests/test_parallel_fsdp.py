@@ -213,7 +213,7 @@ def test_bad_wire_dtype_is_named():
 
 # --- 300 steps of a tiny Llama: int8/int8 comms end within 1% of bf16/fp32 comms -------------
 
-STEPS, VOCAB, SEQ, BATCH = 300, 64, 32, 8
+STEPS, VOCAB, SEQ, BATCH = 300, 64, 32, 4
 
 
 def _markov_batches(rank: int):
