@@ -288,8 +288,10 @@ def _fq_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, r_ptr, flags_ptr, any_p
 
 
 def _gemm_configs(tile: int) -> list:
+    # The last three give each thread half the output registers: the fallback tail (a float32
+    # output plus an INT32 tile product live together) spills in the larger ones.
     shapes = [(128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 4), (128, 256, 64, 4, 8),
-              (128, 128, 32, 4, 4)]
+              (128, 128, 32, 4, 4), (128, 128, 128, 3, 8), (128, 128, 64, 4, 8), (64, 256, 128, 3, 8)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
             for bm, bn, bk, s, w in shapes if tile % bk == 0]
 
