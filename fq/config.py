@@ -6,7 +6,6 @@ from dataclasses import dataclass
 TILES = (32, 64, 128)
 FALLBACKS = ("threshold", "budget", "none")
 BACKENDS = ("auto", "triton", "reference")
-TAILS = ("fused", "separate")
 
 
 @dataclass(frozen=True)
@@ -34,9 +33,6 @@ class FQConfig:
     exclude: tuple[str, ...] = ()
     # auto: Triton on CUDA with compute capability >= 8.0, else the pure-torch reference.
     backend: str = "auto"
-    # Where the Triton GEMM adds fallback tiles: in a loop after the pipelined INT8 K loop, or
-    # inside it (measured ~2x slower on H100: the branch breaks pipelining; docs/fq.md).
-    tail: str = "separate"
 
     def __post_init__(self):
         if self.tile not in TILES:
@@ -45,8 +41,6 @@ class FQConfig:
             raise ValueError(f"fq.fallback='{self.fallback}': must be one of {FALLBACKS}")
         if self.backend not in BACKENDS:
             raise ValueError(f"fq.backend='{self.backend}': must be one of {BACKENDS}")
-        if self.tail not in TAILS:
-            raise ValueError(f"fq.tail='{self.tail}': must be one of {TAILS}")
         if not self.threshold > 1.0:
             raise ValueError(f"fq.threshold={self.threshold}: must be > 1 (a crest factor; 12 is a good start)")
         if not 0.0 < self.budget <= 1.0:

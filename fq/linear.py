@@ -78,7 +78,7 @@ class _FQMatmul(torch.autograd.Function):
                                   cfg.fallback != "none", transposed=cfg.grad_weight)
             layer._record(FORWARD, xq, x.shape)
             wq, ws = ops.quantize_rows(weight)
-            y = ops.gemm_a_fallback(xq, wq, ws, out_dtype, cfg.tail)
+            y = ops.gemm_a_fallback(xq, wq, ws, out_dtype)
         ctx.layer, ctx.ops, ctx.out_dtype, ctx.x_dtype, ctx.tile = layer, ops, out_dtype, x.dtype, cfg.tile
         saved_x = x if not cfg.grad_weight else None
         # Backward needs X only as the K-major (transposed) INT8 digits of the weight gradient.
@@ -99,14 +99,14 @@ class _FQMatmul(torch.autograd.Function):
                                            cfg.fallback != "none", seed=layer._next_seed())
                     layer._record(GRAD, dyq, dy.shape)
                     wq_t, ws_t = ops.quantize_cols_t(weight)
-                    dx = ops.gemm_a_fallback(dyq, wq_t, ws_t, ctx.x_dtype, cfg.tail)
+                    dx = ops.gemm_a_fallback(dyq, wq_t, ws_t, ctx.x_dtype)
                 else:
                     dx = (dy.to(cd) @ weight.to(cd)).to(ctx.x_dtype)
             if ctx.needs_input_grad[1]:
                 if cfg.grad_weight:
                     xq = TileQuant(None, None, scale, flags, c1, c2, None, ctx.tile, qt, q2t)
                     dyq_t, dys = ops.quantize_cols_t(dy, row_mult=scale, seed=layer._next_seed())
-                    dw = ops.gemm_b_fallback(dyq_t, dys, xq, weight.dtype, cfg.tail)
+                    dw = ops.gemm_b_fallback(dyq_t, dys, xq, weight.dtype)
                 else:
                     dw = (dy.to(cd).t() @ x.to(cd)).to(weight.dtype)
         return dx, dw, None, None

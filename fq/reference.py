@@ -246,12 +246,10 @@ def int_sums(a_q: torch.Tensor, b_q: torch.Tensor) -> torch.Tensor:
     return _exact_matmul(a_q, b_q.t()).to(torch.int32)
 
 
-def gemm_a_fallback(a: TileQuant, b_q: torch.Tensor, b_scale: torch.Tensor, out_dtype: torch.dtype,
-                    tail: str = "separate") -> torch.Tensor:
+def gemm_a_fallback(a: TileQuant, b_q: torch.Tensor, b_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """C (M, N) = A B^T with fallback tiles on A (M, K); B given as int8 (N, K) + scale (N,).
 
-    Forward (A = X, B = W) and input gradient (A = dY, B = W^T quantized per column). `tail`
-    only selects a Triton code path; the result is the same."""
+    Forward (A = X, B = W) and input gradient (A = dY, B = W^T quantized per column)."""
     acc = _exact_matmul(a.q, b_q.t())
     t = tail_matrix(a)
     if t is not None:
@@ -259,8 +257,7 @@ def gemm_a_fallback(a: TileQuant, b_q: torch.Tensor, b_scale: torch.Tensor, out_
     return (acc * a.scale.double()[:, None] * b_scale.double()[None, :]).to(out_dtype)
 
 
-def gemm_b_fallback(a_q: torch.Tensor, a_scale: torch.Tensor, b: TileQuant, out_dtype: torch.dtype,
-                    tail: str = "separate") -> torch.Tensor:
+def gemm_b_fallback(a_q: torch.Tensor, a_scale: torch.Tensor, b: TileQuant, out_dtype: torch.dtype) -> torch.Tensor:
     """C (N, K) = A B with fallback tiles on B (M, K); A given as int8 (N, M) + scale (N,).
 
     Weight gradient dW = dY^T X, with X's row scales already folded into A; B is read from its

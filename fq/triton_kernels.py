@@ -5,9 +5,9 @@
   plain tiles (tiny (M, Kt) array), the second pass writes INT8 digits and tile multipliers.
 - `_col_absmax_kernel` + `_col_quant_t_kernel`: per-column INT8 written transposed (weights for
   the input gradient, the output gradient for the weight gradient).
-- `_fq_gemm_kernel`: INT8 tl.dot into one INT32 accumulator, row x column scales in the epilogue,
-  and the fallback tiles added into a float32 accumulator either inside the K loop (reusing the
-  loaded B tile) or in a loop after it.
+- `_fq_gemm_kernel`: INT8 tl.dot into one INT32 accumulator, row x column scales in the epilogue;
+  after the pipelined loop, the fallback tiles of the block's tile row (or column) are visited
+  from a per-row list and added in float32.
 
 Each wrapper mirrors the reference function of the same name. Rounding: ties to even through the
 1.5 * 2**23 trick (exact IEEE float32 adds); divisions are div_rn; FMA contraction is off in the
@@ -188,32 +188,15 @@ def _col_quant_t_kernel(x_ptr, s_xm, s_xn, mult_ptr, inv_ptr, M, N, qt_ptr, seed
 
 
 @triton.jit
-def _tail_step(acc_f, a, b, r_ptr, rr0, rr1, s_r0, s_r1, rmask, flags_ptr, c1_ptr, c2_ptr, fidx, fmask,
-               FB: tl.constexpr):
-    """Add the fallback digits of one K step: (c1 - 1) * a.b + c2 * residual.b (A side) or the
-    same with the residual on B; rows/columns of plain tiles get multiplier 0."""
-    f = tl.load(flags_ptr + fidx, mask=fmask, other=0)
-    if tl.max(f.to(tl.int32), axis=0) != 0:
-        on = f != 0
-        m1 = tl.where(on, tl.load(c1_ptr + fidx, mask=fmask, other=1.0) - 1.0, 0.0)
-        m2 = tl.where(on, tl.load(c2_ptr + fidx, mask=fmask, other=0.0), 0.0)
-        r = tl.load(r_ptr + rr0[:, None] * s_r0 + rr1[None, :] * s_r1, mask=rmask, other=0)
-        if FB == 1:
-            acc_f += m1[:, None] * tl.dot(a, b, out_dtype=tl.int32).to(tl.float32)
-            acc_f += m2[:, None] * tl.dot(r, b, out_dtype=tl.int32).to(tl.float32)
-        else:
-            acc_f += m1[None, :] * tl.dot(a, b, out_dtype=tl.int32).to(tl.float32)
-            acc_f += m2[None, :] * tl.dot(a, r, out_dtype=tl.int32).to(tl.float32)
-    return acc_f
+def _fq_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, r_ptr, count_ptr, order_ptr, c1_ptr, c2_ptr,
+                    M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn, s_r0, s_r1, s_o0, s_o1, s_f0, s_f1,
+                    TILE: tl.constexpr, FB: tl.constexpr, HAS_SB: tl.constexpr, RAW: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """C = (A B) * sa[:, None] * sb[None, :] with INT8 A (M, K), B (K, N), plus the fallback tiles
+    of A (FB=1: the block's rows lie in one tile row) or of B (FB=2: its columns in one tile column).
 
-
-@triton.jit
-def _fq_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, r_ptr, flags_ptr, any_ptr, c1_ptr, c2_ptr,
-                    M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn, s_r0, s_r1, s_f0, s_f1,
-                    TILE: tl.constexpr, FB: tl.constexpr, FUSED: tl.constexpr, HAS_SB: tl.constexpr,
-                    RAW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """C = (A B) * sa[:, None] * sb[None, :] with INT8 A (M, K), B (K, N); fallback tiles on A
-    (FB=1, flags indexed [m // TILE, k // TILE]) or on B (FB=2, flags [k // TILE, n // TILE])."""
+    The fallback tiles of that tile row/column come as a list (count, order: flagged K tiles
+    first), so the tail visits only them, after the pipelined INT8 loop, with scalar multipliers."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -228,22 +211,9 @@ def _fq_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, r_ptr, flags_ptr, any_p
     a_ptrs = a_ptr + rm[:, None] * s_am + rk[None, :] * s_ak
     b_ptrs = b_ptr + rk[:, None] * s_bk + rn[None, :] * s_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    # The float32 tail accumulator lives through the main loop only when the tail is fused:
-    # otherwise it would double the registers the pipelined INT8 loop has to share.
-    if FUSED:
-        acc_f = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        amask = (rm[:, None] < M) & (rk[None, :] < K - k0)
-        bmask = (rk[:, None] < K - k0) & (rn[None, :] < N)
-        a = tl.load(a_ptrs, mask=amask, other=0)
-        b = tl.load(b_ptrs, mask=bmask, other=0)
-        if FUSED:
-            if FB == 1:
-                acc_f = _tail_step(acc_f, a, b, r_ptr, rm, k0 + rk, s_r0, s_r1, amask, flags_ptr, c1_ptr, c2_ptr,
-                                   (rm // TILE) * s_f0 + (k0 // TILE) * s_f1, rm < M, FB)
-            if FB == 2:
-                acc_f = _tail_step(acc_f, a, b, r_ptr, k0 + rk, rn, s_r0, s_r1, bmask, flags_ptr, c1_ptr, c2_ptr,
-                                   (k0 // TILE) * s_f0 + (rn // TILE) * s_f1, rn < N, FB)
+        a = tl.load(a_ptrs, mask=(rm[:, None] < M) & (rk[None, :] < K - k0), other=0)
+        b = tl.load(b_ptrs, mask=(rk[:, None] < K - k0) & (rn[None, :] < N), other=0)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         a_ptrs += BLOCK_K * s_ak
         b_ptrs += BLOCK_K * s_bk
@@ -253,104 +223,111 @@ def _fq_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, r_ptr, flags_ptr, any_p
         tl.store(c_ptrs, acc, mask=cmask)
     else:
         out = acc.to(tl.float32)
-        if FUSED:
-            out += acc_f
-        elif FB != 0:
-            # Blocks whose row (A side) or column (B side) tiles hold no fallback skip the tail.
-            if FB == 1:
-                blk = tl.load(any_ptr + rm // TILE, mask=rm < M, other=0)
-            else:
-                blk = tl.load(any_ptr + rn // TILE, mask=rn < N, other=0)
-            for k0 in range(0, K * (tl.max(blk.to(tl.int32), axis=0) != 0), BLOCK_K):
-                kt = k0 // TILE
+        if FB != 0:
+            own = (pid_m * BLOCK_M) // TILE if FB == 1 else (pid_n * BLOCK_N) // TILE
+            for i in range(0, tl.load(count_ptr + own)):
+                kt = tl.load(order_ptr + own * s_o0 + i * s_o1)
                 if FB == 1:
-                    fidx = (rm // TILE) * s_f0 + kt * s_f1
-                    fmask = rm < M
+                    fi = own * s_f0 + kt * s_f1
                 else:
-                    fidx = kt * s_f0 + (rn // TILE) * s_f1
-                    fmask = rn < N
-                f = tl.load(flags_ptr + fidx, mask=fmask, other=0)
-                if tl.max(f.to(tl.int32), axis=0) != 0:
-                    amask = (rm[:, None] < M) & (rk[None, :] < K - k0)
-                    bmask = (rk[:, None] < K - k0) & (rn[None, :] < N)
+                    fi = kt * s_f0 + own * s_f1
+                m1 = tl.load(c1_ptr + fi) - 1.0
+                m2 = tl.load(c2_ptr + fi)
+                for k0 in range(kt * TILE, tl.minimum(kt * TILE + TILE, K), BLOCK_K):
+                    amask = (rm[:, None] < M) & (k0 + rk[None, :] < K)
+                    bmask = (k0 + rk[:, None] < K) & (rn[None, :] < N)
                     a = tl.load(a_ptr + rm[:, None] * s_am + (k0 + rk)[None, :] * s_ak, mask=amask, other=0)
                     b = tl.load(b_ptr + (k0 + rk)[:, None] * s_bk + rn[None, :] * s_bn, mask=bmask, other=0)
+                    # (c1 - 1) * q.b: q already entered the bulk with weight 1; then c2 * residual.
+                    out += m1 * tl.dot(a, b, out_dtype=tl.int32).to(tl.float32)
                     if FB == 1:
-                        out = _tail_step(out, a, b, r_ptr, rm, k0 + rk, s_r0, s_r1, amask, flags_ptr, c1_ptr,
-                                         c2_ptr, fidx, fmask, FB)
+                        r = tl.load(r_ptr + rm[:, None] * s_r0 + (k0 + rk)[None, :] * s_r1, mask=amask, other=0)
+                        out += m2 * tl.dot(r, b, out_dtype=tl.int32).to(tl.float32)
                     else:
-                        out = _tail_step(out, a, b, r_ptr, k0 + rk, rn, s_r0, s_r1, bmask, flags_ptr, c1_ptr,
-                                         c2_ptr, fidx, fmask, FB)
+                        r = tl.load(r_ptr + (k0 + rk)[:, None] * s_r0 + rn[None, :] * s_r1, mask=bmask, other=0)
+                        out += m2 * tl.dot(a, r, out_dtype=tl.int32).to(tl.float32)
         out = out * tl.load(sa_ptr + rm, mask=rm < M, other=0.0)[:, None]
         if HAS_SB:
             out = out * tl.load(sb_ptr + rn, mask=rn < N, other=0.0)[None, :]
         tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=cmask)
 
 
-def _gemm_configs(tile: int) -> list:
-    # The last three give each thread half the output registers: the fallback tail (a float32
-    # output plus an INT32 tile product live together) spills in the larger ones.
-    shapes = [(128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 4), (128, 256, 64, 4, 8),
-              (128, 128, 32, 4, 4), (128, 128, 128, 3, 8), (128, 128, 64, 4, 8), (64, 256, 128, 3, 8)]
+def _gemm_configs(tile: int, fb: int) -> list:
+    """H100 candidates. With fallback, a block must sit inside one tile row (A side) or column
+    (B side); 128x128 blocks with 8 warps keep the tail's float32 output and INT32 product in
+    registers (the 128x256 ones spilled 60-200 registers there)."""
+    shapes = [(128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 3, 8), (128, 128, 64, 4, 8),
+              (64, 256, 128, 3, 8), (256, 64, 128, 3, 8), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+              (32, 128, 32, 4, 4), (128, 32, 32, 4, 4)]
+    ok = [(bm, bn, bk, s, w) for bm, bn, bk, s, w in shapes
+          if tile % bk == 0 and (fb != 1 or tile % bm == 0) and (fb != 2 or tile % bn == 0)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
-            for bm, bn, bk, s, w in shapes if tile % bk == 0]
+            for bm, bn, bk, s, w in ok[:5]]
 
 
-_TUNED: dict[int, object] = {}
+_TUNED: dict[tuple[int, int], object] = {}
 
 
-def _gemm_launcher(tile: int):
+def _gemm_launcher(tile: int, fb: int):
+    small = min(tile, 64)
     if INTERPRET:
-        return _fq_gemm_kernel, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": min(tile, 64), "GROUP_M": 4}
+        return _fq_gemm_kernel, {"BLOCK_M": small, "BLOCK_N": small, "BLOCK_K": small, "GROUP_M": 4}
     if os.environ.get("FQ_NO_AUTOTUNE") == "1":  # quick GPU test runs: one fixed config
-        return _fq_gemm_kernel, {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": min(tile, 64), "GROUP_M": 8,
+        return _fq_gemm_kernel, {"BLOCK_M": small, "BLOCK_N": small, "BLOCK_K": small, "GROUP_M": 8,
                                  "num_stages": 3, "num_warps": 4}
-    if tile not in _TUNED:
-        _TUNED[tile] = triton.autotune(_gemm_configs(tile), key=["M", "N", "K", "FB", "FUSED", "HAS_SB", "RAW"])(
+    if (tile, fb) not in _TUNED:
+        _TUNED[tile, fb] = triton.autotune(_gemm_configs(tile, fb), key=["M", "N", "K", "HAS_SB", "RAW"])(
             _fq_gemm_kernel)
-    return _TUNED[tile], {}
+    return _TUNED[tile, fb], {}
 
 
-def _gemm(a, a_strides, b, b_strides, m, n, k, sa, sb, fb, fallback: TileQuant | None, r_strides, f_strides,
-          out_dtype, tail: str, tile: int, config: dict | None = None):
+def _fallback_lists(flags: torch.Tensor, fb: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per tile row (fb=1) or column (fb=2): how many fallback tiles, and their K-tile indices
+    first (a stable sort of the flags, on the device, no sync)."""
+    dim = 1 if fb == 1 else 0
+    f = flags.to(torch.int8)
+    count = f.sum(dim=dim, dtype=torch.int32)
+    order = torch.sort(f, dim=dim, descending=True, stable=True).indices.to(torch.int32)
+    return count, order
+
+
+def _gemm(a, a_strides, b, b_strides, m, n, k, sa, sb, fb, fallback: TileQuant | None, r_strides,
+          out_dtype, tile: int, config: dict | None = None):
     """Launch the GEMM; with `config` (block sizes, num_warps, num_stages) skip autotuning and
     return (C, compiled kernel) so benchmarks can read registers and spills."""
-    residual = None if fallback is None else (fallback.q2 if fb == 1 else fallback.q2t)
     c = torch.empty(m, n, dtype=out_dtype, device=a.device)
-    kernel, meta = (_fq_gemm_kernel, config) if config else _gemm_launcher(tile)
-    dummy = a
+    kernel, meta = (_fq_gemm_kernel, config) if config else _gemm_launcher(tile, fb)
+    if fallback is not None:
+        residual = fallback.q2 if fb == 1 else fallback.q2t
+        count, order = _fallback_lists(fallback.flags, fb)
+        o_strides = (order.stride(0), order.stride(1)) if fb == 1 else (order.stride(1), order.stride(0))
+        f_strides = (fallback.c1.stride(0), fallback.c1.stride(1))
+        c1, c2 = fallback.c1, fallback.c2
+    else:
+        residual = count = order = a
+        c1 = c2 = sa
+        o_strides = f_strides = (0, 0)
     grid = lambda cfg: (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-    compiled = kernel[grid](a, b, c, sa, sb if sb is not None else sa,
-                 residual if residual is not None else dummy,
-                 fallback.flags if fallback is not None else dummy,
-                 fallback.flags.any(dim=1 if fb == 1 else 0) if fallback is not None else dummy,
-                 fallback.c1 if fallback is not None else sa,
-                 fallback.c2 if fallback is not None else sa,
-                 m, n, k, a_strides[0], a_strides[1], b_strides[0], b_strides[1], c.stride(0), c.stride(1),
-                 r_strides[0], r_strides[1], f_strides[0], f_strides[1],
-                 TILE=tile, FB=fb, FUSED=(tail == "fused"), HAS_SB=sb is not None, RAW=out_dtype == torch.int32,
-                 **meta)
+    compiled = kernel[grid](a, b, c, sa, sb if sb is not None else sa, residual, count, order, c1, c2,
+                            m, n, k, a_strides[0], a_strides[1], b_strides[0], b_strides[1], c.stride(0), c.stride(1),
+                            r_strides[0], r_strides[1], o_strides[0], o_strides[1], f_strides[0], f_strides[1],
+                            TILE=tile, FB=fb, HAS_SB=sb is not None, RAW=out_dtype == torch.int32, **meta)
     return (c, compiled) if config else c
 
 
-def gemm_a_fallback(a: TileQuant, b_q: torch.Tensor, b_scale: torch.Tensor, out_dtype: torch.dtype,
-                    tail: str = "separate") -> torch.Tensor:
+def gemm_a_fallback(a: TileQuant, b_q: torch.Tensor, b_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     m, k = a.q.shape
     n = b_q.shape[0]
-    fb = 1 if a.flags.numel() else 0
     return _gemm(a.q, (a.q.stride(0), a.q.stride(1)), b_q, (b_q.stride(1), b_q.stride(0)), m, n, k,
-                 a.scale, b_scale, fb, a, (a.q2.stride(0), a.q2.stride(1)), (a.flags.stride(0), a.flags.stride(1)),
-                 out_dtype, tail, a.tile)
+                 a.scale, b_scale, 1, a, (a.q2.stride(0), a.q2.stride(1)), out_dtype, a.tile)
 
 
-def gemm_b_fallback(a_q: torch.Tensor, a_scale: torch.Tensor, b: TileQuant, out_dtype: torch.dtype,
-                    tail: str = "separate") -> torch.Tensor:
+def gemm_b_fallback(a_q: torch.Tensor, a_scale: torch.Tensor, b: TileQuant, out_dtype: torch.dtype) -> torch.Tensor:
     """B is read from b.qt / b.q2t (K, M): INT8 tensor cores want both operands K-major."""
     n, m = a_q.shape
     k = b.qt.shape[0]
     return _gemm(a_q, (a_q.stride(0), a_q.stride(1)), b.qt, (b.qt.stride(1), b.qt.stride(0)), n, k, m,
-                 a_scale, None, 2, b, (b.q2t.stride(1), b.q2t.stride(0)), (b.flags.stride(0), b.flags.stride(1)),
-                 out_dtype, tail, b.tile)
+                 a_scale, None, 2, b, (b.q2t.stride(1), b.q2t.stride(0)), out_dtype, b.tile)
 
 
 def gemm_rowwise(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
@@ -359,7 +336,7 @@ def gemm_rowwise(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_
     m, k = a_q.shape
     n = b_q.shape[0]
     return _gemm(a_q, (a_q.stride(0), a_q.stride(1)), b_q, (b_q.stride(1), b_q.stride(0)), m, n, k, a_scale, b_scale,
-                 0, None, (0, 0), (0, 0), out_dtype, "separate", 128)
+                 0, None, (0, 0), out_dtype, 128)
 
 
 def int_sums(a_q: torch.Tensor, b_q: torch.Tensor) -> torch.Tensor:
@@ -368,7 +345,7 @@ def int_sums(a_q: torch.Tensor, b_q: torch.Tensor) -> torch.Tensor:
     n = b_q.shape[0]
     ones = torch.ones(max(m, n), dtype=torch.float32, device=a_q.device)
     return _gemm(a_q, (a_q.stride(0), a_q.stride(1)), b_q, (b_q.stride(1), b_q.stride(0)), m, n, k, ones, None, 0,
-                 None, (0, 0), (0, 0), torch.int32, "separate", 128)
+                 None, (0, 0), torch.int32, 128)
 
 
 def tile_stats(x: torch.Tensor, tile: int, threshold: torch.Tensor, base_threshold: float, fallback: bool):

@@ -84,11 +84,9 @@ def bench_shape(m, k, n, tile, bench, device):
         xr = activations(m, k, ratio, tile, device, seed=1)
         xrq = T.quantize_act(xr, tile, THR, THR, True)
         res[f"ratio_{ratio}"] = xrq.flags.float().mean().item()
-        for tail in ("fused", "separate"):
-            res[f"fwd_{ratio}_{tail}_x"] = speedup(bench(lambda: T.gemm_a_fallback(
-                T.quantize_act(xr, tile, THR, THR, True, transposed=True), wq, ws, torch.bfloat16, tail)))
-            res[f"gemm_{ratio}_{tail}_x"] = speedup(bench(
-                lambda: T.gemm_a_fallback(xrq, wq, ws, torch.bfloat16, tail)))
+        res[f"fwd_{ratio}_x"] = speedup(bench(lambda: T.gemm_a_fallback(
+            T.quantize_act(xr, tile, THR, THR, True, transposed=True), wq, ws, torch.bfloat16)))
+        res[f"gemm_{ratio}_x"] = speedup(bench(lambda: T.gemm_a_fallback(xrq, wq, ws, torch.bfloat16)))
         if ratio == 0.05:
             # Correctness at full size: the Triton GEMM against the reference on the same INT8 operands.
             y_t = T.gemm_a_fallback(xrq, wq, ws, torch.float32)
@@ -100,12 +98,10 @@ def bench_shape(m, k, n, tile, bench, device):
             res["nofallback_vs_fp64_rel"] = rel(T.gemm_a_fallback(
                 T.quantize_act(xr, tile, THR, THR, False), wq, ws, torch.float32), ref)
             del y_t, y_r, ref
-    best_tail = "fused" if res["fwd_0.05_fused_x"] >= res["fwd_0.05_separate_x"] else "separate"
-    res["tail_used_for_fwd_bwd"] = best_tail
     gy = torch.randn(m, n, device=device, dtype=torch.bfloat16)
     xg = x.detach().requires_grad_(True)
     lin = nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
-    fql = FQLinear.from_linear(lin, FQConfig(tile=tile, tail=best_tail), "bench", "triton")
+    fql = FQLinear.from_linear(lin, FQConfig(tile=tile), "bench", "triton")
     t_lin = bench(lambda: torch.autograd.grad(lin(xg), (xg, lin.weight), gy))
     t_fql = bench(lambda: torch.autograd.grad(fql(xg), (xg, fql.weight), gy))
     assert fql.last_backend == "triton"
@@ -127,12 +123,12 @@ def bench_shape(m, k, n, tile, bench, device):
     res["parts_ms"] = {
         "quant_x": t_q,
         "quant_w_rows": bench(lambda: T.quantize_rows(w)),
-        "gemm_fwd": bench(lambda: T.gemm_a_fallback(xq, wq, ws, torch.bfloat16, best_tail)),
+        "gemm_fwd": bench(lambda: T.gemm_a_fallback(xq, wq, ws, torch.bfloat16)),
         "quant_dy_rows": bench(lambda: T.quantize_act(gy, tile, THR, THR, True)),
         "quant_w_cols": bench(lambda: T.quantize_cols_t(w)),
-        "gemm_dx": bench(lambda: T.gemm_a_fallback(dyq, wq_t, ws_t, torch.bfloat16, best_tail)),
+        "gemm_dx": bench(lambda: T.gemm_a_fallback(dyq, wq_t, ws_t, torch.bfloat16)),
         "quant_dy_cols": bench(lambda: T.quantize_cols_t(gy, row_mult=xq.scale)),
-        "gemm_dw": bench(lambda: T.gemm_b_fallback(dq_t, ds, xq, torch.bfloat16, best_tail)),
+        "gemm_dw": bench(lambda: T.gemm_b_fallback(dq_t, ds, xq, torch.bfloat16)),
         "bf16_dx": bench(lambda: gy @ w),
         "bf16_dw": bench(lambda: gy.t() @ x),
     }
@@ -149,19 +145,19 @@ def gemm_configs_diag(m, k, n, tile, bench, device):
     dq_t, ds = T.quantize_cols_t(gy, row_mult=xq.scale)
     t_bf16 = bench(lambda: x @ w.t())
     out = []
-    for cfg in T._gemm_configs(tile):
-        meta = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        runs = {
-            "rowwise": lambda: T._gemm(xq.q, (k, 1), wq, (1, k), m, n, k, xq.scale, ws, 0, None, (0, 0), (0, 0),
-                                       torch.bfloat16, "separate", tile, meta),
-            "fwd_5%": lambda: T._gemm(xq.q, (k, 1), wq, (1, k), m, n, k, xq.scale, ws, 1, xq, (k, 1),
-                                      (xq.flags.stride(0), 1), torch.bfloat16, "separate", tile, meta),
-            "dw_5%": lambda: T._gemm(dq_t, (m, 1), xq.qt, (1, m), n, k, m, ds, None, 2, xq, (1, m),
-                                     (xq.flags.stride(0), 1), torch.bfloat16, "separate", tile, meta),
-        }
-        for name, fn in runs.items():
-            _, ck = fn()
-            t = bench(fn)
+    modes = {
+        "rowwise": (0, lambda meta: T._gemm(xq.q, (k, 1), wq, (1, k), m, n, k, xq.scale, ws, 0, None, (0, 0),
+                                            torch.bfloat16, tile, meta)),
+        "fwd_5%": (1, lambda meta: T._gemm(xq.q, (k, 1), wq, (1, k), m, n, k, xq.scale, ws, 1, xq, (k, 1),
+                                           torch.bfloat16, tile, meta)),
+        "dw_5%": (2, lambda meta: T._gemm(dq_t, (m, 1), xq.qt, (1, m), n, k, m, ds, None, 2, xq, (1, m),
+                                          torch.bfloat16, tile, meta)),
+    }
+    for name, (fb, run) in modes.items():
+        for cfg in T._gemm_configs(tile, fb):
+            meta = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            _, ck = run(meta)
+            t = bench(lambda: run(meta))
             row = {"config": meta, "gemm": name, "x_bf16_fwd": t_bf16 / t if t else 0.0,
                    "regs": getattr(ck, "n_regs", None), "spills": getattr(ck, "n_spills", None)}
             print(json.dumps(row), flush=True)
@@ -182,8 +178,7 @@ def table(results, copy_tbps) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         def best(ratio):
-            f, s = r[f"fwd_{ratio}_fused_x"], r[f"fwd_{ratio}_separate_x"]
-            return f"{max(f, s):.2f}x ({'fused' if f >= s else 'sep'}, {100 * r[f'ratio_{ratio}']:.1f}%)"
+            return f"{r[f'fwd_{ratio}_x']:.2f}x (GEMM alone {r[f'gemm_{ratio}_x']:.2f}x)"
         lines.append(
             f"| {r['M']},{r['K']},{r['N']} | {r['bf16_tflops']:.0f} | {r.get('int_mm_x', 0):.2f}x | "
             f"{r['rowwise_int8_gemm_x']:.2f}x | {r['rowwise_int8_fwd_x']:.2f}x | {best(0.0)} | {best(0.05)} | "
