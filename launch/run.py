@@ -5,9 +5,10 @@
 
 It checks the config against the world size before anything starts, then runs
 `python -m torch.distributed.run ... -m train ...` as a child and stays in front of it:
-SIGUSR1 and SIGTERM are forwarded to the training processes themselves, which save a
-checkpoint and exit 0, so torchrun exits 0 too. torchrun ignores SIGUSR1 (its default action
-would kill it and orphan the workers); the workers inherit that and install their own handler.
+SIGUSR1 and SIGTERM are forwarded to the training processes themselves (SignalForwarder),
+which save a checkpoint and exit 0, so torchrun exits 0 too. torchrun
+ignores SIGUSR1 (its default action would kill it and orphan the workers); the workers
+inherit that and install their own handler.
 launch/slurm.sbatch runs this module once per node.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ import sys
 import time
 
 FORWARDED_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+RESEND_S = 10
 
 
 class LaunchError(RuntimeError):
@@ -143,39 +145,63 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def run(cmd: list[str]) -> int:
-    """Run torchrun; forward SIGUSR1/SIGTERM to its workers; return its exit status."""
-    proc: subprocess.Popen | None = None
+class SignalForwarder:
+    """Forwards SIGUSR1/SIGTERM to torchrun's workers (its child processes).
 
-    def forward(signum, _frame):
-        if proc is None:
+    Installed first thing, so a signal that comes while the launcher is still checking the
+    config is kept, not fatal. A signal that arrives before the workers exist is delivered when
+    they appear, and it is sent again every RESEND_S seconds until torchrun exits: a worker
+    still starting up has not installed its handler yet (SIGUSR1 is ignored until then), and
+    the trainer treats repeats of a stop request as one.
+    """
+
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+        self.pending: int | None = None
+        self.delivered_at: float | None = None
+        self.previous = {sig: signal.signal(sig, self._on_signal)
+                         for sig in (*FORWARDED_SIGNALS, signal.SIGINT)}
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, signum, _frame):
+        self.pending, self.delivered_at = signum, None
+        print(f"launch.run: {signal.Signals(signum).name}: asking the training processes to "
+              f"save a checkpoint and stop", file=sys.stderr, flush=True)
+        self._send()
+
+    def _send(self):
+        if self.proc is None:
             return
-        workers = _children(proc.pid)
-        name = signal.Signals(signum).name
+        workers = _children(self.proc.pid)
+        for pid in workers:
+            try:
+                os.kill(pid, self.pending)
+            except ProcessLookupError:
+                pass
         if workers:
-            print(f"launch.run: {name}: asking {len(workers)} training processes to save and "
-                  f"stop", file=sys.stderr, flush=True)
-            for pid in workers:
-                try:
-                    os.kill(pid, signum)
-                except ProcessLookupError:
-                    pass
-        else:  # still in rendezvous: nothing to save
-            print(f"launch.run: {name} before training started: stopping torchrun",
-                  file=sys.stderr, flush=True)
-            proc.send_signal(signal.SIGTERM)
+            self.delivered_at = time.monotonic()
 
-    def child_signals():
+    def run(self, cmd: list[str]) -> int:
+        """Run torchrun with SIGUSR1 ignored; forward signals; return its exit status."""
+        # An ignored signal stays ignored across exec (a handler would not): set it for the
+        # moment of the fork rather than in a preexec_fn, which is unsafe with threads.
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-    for sig in FORWARDED_SIGNALS:
-        signal.signal(sig, forward)
-    # Ctrl-C reaches torchrun directly (same process group); wait for it to shut down.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    proc = subprocess.Popen(cmd, preexec_fn=child_signals)
-    code = proc.wait()
-    return 128 - code if code < 0 else code
+        try:
+            self.proc = subprocess.Popen(cmd)
+        finally:
+            signal.signal(signal.SIGUSR1, self._on_signal)
+        # Ctrl-C reaches torchrun directly (same process group); wait for it to shut down.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        while self.proc.poll() is None:
+            time.sleep(0.5)
+            if self.pending is not None and (self.delivered_at is None or
+                                             time.monotonic() - self.delivered_at > RESEND_S):
+                self._send()
+        code = self.proc.returncode
+        return 128 - code if code < 0 else code
 
 
 def build(args: argparse.Namespace, overrides: list[str]) -> list[str]:
@@ -198,7 +224,15 @@ def build(args: argparse.Namespace, overrides: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    forwarder = SignalForwarder()
+    try:
+        return _main(forwarder, sys.argv[1:] if argv is None else argv)
+    finally:
+        forwarder.restore()
+
+
+def _main(forwarder: SignalForwarder, argv: list[str]) -> int:
+    args, overrides = parse_args(argv)
     if args.node_rank is None and args.rdzv_endpoint and os.environ.get("SLURM_NODEID"):
         args.node_rank = int(os.environ["SLURM_NODEID"])
     try:
@@ -211,8 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     except LaunchError as e:
         print(f"launch.run: error: {e}", file=sys.stderr)
         return 2
+    if forwarder.pending is not None:  # asked to stop before anything started: done
+        return 0
     print(f"launch.run: {shlex.join(cmd)}", file=sys.stderr, flush=True)
-    return run(cmd)
+    return forwarder.run(cmd)
 
 
 if __name__ == "__main__":

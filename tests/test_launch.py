@@ -130,8 +130,10 @@ def test_two_process_run(tmp_path, default_cache):
 
 
 @pytest.mark.slow
-def test_sigusr1_saves_and_exits_zero(tmp_path, default_cache):
-    """SIGUSR1 to the launcher: every rank saves at the same step and the launch exits 0."""
+@pytest.mark.parametrize("when", ["training", "startup"])
+def test_sigusr1_saves_and_exits_zero(tmp_path, default_cache, when):
+    """SIGUSR1 to the launcher, during training or before the trainer has installed its
+    handler: every rank saves at the same step and the launch exits 0."""
     out = tmp_path / "run"
     log = open(tmp_path / "launch.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "launch.run", "--nproc", "2",
@@ -141,12 +143,16 @@ def test_sigusr1_saves_and_exits_zero(tmp_path, default_cache):
                             stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 240
-        while not (out / "checkpoints" / "latest").exists():
+        def ready():
+            if when == "startup":  # torchrun started, the trainer not yet training
+                return "torch.distributed.run" in (tmp_path / "launch.log").read_text()
+            return (out / "checkpoints" / "latest").exists()
+        while not ready():
             assert proc.poll() is None, (tmp_path / "launch.log").read_text()[-4000:]
-            assert time.monotonic() < deadline, "no checkpoint within 240 s"
-            time.sleep(0.2)
+            assert time.monotonic() < deadline, f"not at {when} within 240 s"
+            time.sleep(0.1)
         proc.send_signal(signal.SIGUSR1)
-        code = proc.wait(timeout=120)
+        code = proc.wait(timeout=240)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -155,9 +161,9 @@ def test_sigusr1_saves_and_exits_zero(tmp_path, default_cache):
     text = (tmp_path / "launch.log").read_text()
     assert code == 0, text[-4000:]
     steps = train_steps(out)
-    assert steps[-1] < 500
+    assert steps and steps[-1] < 500
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step-{steps[-1]:08d}"
-    assert "asking 2 training processes to save and stop" in text
+    assert "SIGUSR1: asking the training processes to save a checkpoint and stop" in text
 
 
 @pytest.mark.slow

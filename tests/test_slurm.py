@@ -65,13 +65,17 @@ def workdir(tmp_path):
     return tmp_path
 
 
-def submit(slurm, workdir, cache, *overrides, nproc: int = 2) -> int:
-    env = {
+def job_env(cache: str, nproc: int = 2) -> dict[str, str]:
+    return {
         "PYTHONPATH": os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p),
         "FQTRAIN_CACHE": cache,
         "FQTRAIN_NPROC_PER_NODE": str(nproc),
     }
-    return slurm.sbatch(["--time=10", str(SBATCH), "tiny.toml", *overrides], cwd=workdir, env=env)
+
+
+def submit(slurm, workdir, cache, *overrides, nproc: int = 2) -> int:
+    return slurm.sbatch(["--time=10", str(SBATCH), "tiny.toml", *overrides], cwd=workdir,
+                        env=job_env(cache, nproc))
 
 
 def train_steps(run_dir: Path) -> list[int]:
@@ -129,6 +133,25 @@ def test_preempted_job_saves_requeues_and_resumes(slurm, workdir, default_cache)
     # metrics.jsonl is appended to: one record per step, the resumed run going on from the save.
     assert logged == list(range(1, steps + 1)), logged
     assert latest.read_text().strip() == f"step-{steps:08d}"
+
+
+def test_time_limit_signal_saves_and_requeues(slurm, workdir, default_cache):
+    """The real `--signal=B:USR1@N` path: SLURM signals the script N s before the time limit."""
+    run = workdir / "run"
+    # A 1-minute limit, signalled 40 s before it (slurmctld checks limits about every 30 s: 20 to
+    # 50 s in: after the trainer has started); the run is far longer than that, and only the
+    # signal's save writes a checkpoint.
+    job = slurm.sbatch(["--time=1", "--signal=B:USR1@40", str(SBATCH), "tiny.toml",
+                        "--train.steps=100000", f"--logging.dir={run}",
+                        "--checkpoint.interval=100000"], cwd=workdir,
+                       env=job_env(default_cache["cache"]))
+    wait(lambda: int(slurm.job(job).get("Restarts", 0)) >= 1, 150, "the job to requeue itself",
+         lambda: slurm.diagnose(job))
+    slurm.run(["scancel", str(job)])  # requeued: enough; do not run it again
+    text = Path(slurm.job(job)["StdOut"]).read_text()
+    assert "SIGUSR1 received" in text and f"requeueing job {job}" in text, text[-4000:]
+    stopped = train_steps(run)[-1]
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step-{stopped:08d}"
 
 
 def test_world_size_not_matching_the_config_fails_the_job_at_once(slurm, workdir,
