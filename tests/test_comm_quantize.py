@@ -157,3 +157,21 @@ def test_triton_kernels_write_the_same_bytes():
     res = subprocess.run([sys.executable, "-c", _TRITON_CHECK], env=env, cwd=REPO,
                          capture_output=True, text=True, timeout=240)
     assert res.returncode == 0 and "same bytes" in res.stdout, res.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_kernels_match_torch_path():
+    g = torch.Generator().manual_seed(3)
+    for rows, n, segments in [(2, 1 << 20, None), (4, 300_001, [1000, 299_001]), (8, 5, None)]:
+        x = torch.randn(rows, n, generator=g) * torch.exp(2 * torch.randn(rows, n, generator=g))
+        lay = Layout(n, 256, segments)
+        cpu = quantize_rows(x, 256, layout=lay)
+        gpu = quantize_rows(x.cuda(), 256, layout=lay)
+        assert torch.equal(cpu, gpu.cpu())
+        d_cpu = dequantize_rows(cpu, n, 256, torch.empty(rows, n, dtype=torch.bfloat16), lay)
+        d_gpu = dequantize_rows(gpu, n, 256, torch.empty(rows, n, dtype=torch.bfloat16, device="cuda"), lay)
+        assert torch.equal(d_cpu, d_gpu.cpu())
+        s_cpu = dequantize_sum(cpu, n, 256, torch.empty(n), lay)
+        s_gpu = dequantize_sum(gpu, n, 256, torch.empty(n, device="cuda"), lay)
+        assert torch.equal(s_cpu, s_gpu.cpu())
