@@ -7,8 +7,9 @@ row x column scales once, in the epilogue. A fallback tile is stored relative to
 scale, z = a / s[m], as two INT8 digits with their own tile multipliers: z ~ c1*q + c2*q2
 (~15 bits). Weights are quantized per output row (forward) or per column (input gradient).
 
-Every function here is vectorized torch; integer GEMMs run in float64, which is exact for INT8
-products summed over K < 2**39 / 127**2.
+Every function here is vectorized torch (no loops over tiles); integer GEMMs run in float32
+when K * 127**2 < 2**24 and in float64 otherwise, both exact. A few `bool(...)` checks skip
+work when there is no fallback or NaN: fine on CPU, a sync per call on GPU (tests only there).
 """
 from __future__ import annotations
 
@@ -68,14 +69,10 @@ def _finite_only(v: torch.Tensor) -> torch.Tensor:
     return v if bool(torch.isfinite(v).all()) else torch.where(torch.isfinite(v), v, torch.zeros_like(v))
 
 
-def round_half_even(z: torch.Tensor) -> torch.Tensor:
-    return torch.round(z)
-
-
 def _round(z: torch.Tensor, seed: int | None) -> torch.Tensor:
     """Round to nearest even, or stochastically (floor(z + u), u ~ U[0, 1)) when a seed is given."""
     if seed is None:
-        return round_half_even(z)
+        return torch.round(z)  # ties to even, as the Triton kernels' 1.5 * 2**23 trick
     gen = torch.Generator(device=z.device).manual_seed(seed)
     u = torch.rand(z.shape, generator=gen, device=z.device, dtype=torch.float32)
     return torch.floor(z + u)
@@ -201,7 +198,7 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row INT8 (weights in the forward GEMM): q (M, K) int8, scale (M,) fp32."""
     xf = x.float()
     scale, inv = scales_from_absmax(_absmax_marking_nonfinite(xf, dim=1))
-    return round_half_even(_finite_only(xf * inv[:, None])).clamp(-QMAX, QMAX).to(torch.int8), scale
+    return torch.round(_finite_only(xf * inv[:, None])).clamp(-QMAX, QMAX).to(torch.int8), scale
 
 
 def quantize_cols_t(x: torch.Tensor, row_mult: torch.Tensor | None = None,
