@@ -9,6 +9,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -70,6 +71,7 @@ def job_env(cache: str, nproc: int = 2) -> dict[str, str]:
         "PYTHONPATH": os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p),
         "FQTRAIN_CACHE": cache,
         "FQTRAIN_NPROC_PER_NODE": str(nproc),
+        "FQTRAIN_PYTHON": sys.executable,
     }
 
 
@@ -138,14 +140,14 @@ def test_preempted_job_saves_requeues_and_resumes(slurm, workdir, default_cache)
 def test_time_limit_signal_saves_and_requeues(slurm, workdir, default_cache):
     """The real `--signal=B:USR1@N` path: SLURM signals the script N s before the time limit."""
     run = workdir / "run"
-    # A 1-minute limit, signalled 40 s before it (slurmctld checks limits about every 30 s: 20 to
-    # 50 s in: after the trainer has started); the run is far longer than that, and only the
-    # signal's save writes a checkpoint.
-    job = slurm.sbatch(["--time=1", "--signal=B:USR1@40", str(SBATCH), "tiny.toml",
+    # A 2-minute limit, signalled 40 s before it. slurmctld checks limits about every 30 s and
+    # sends the warning up to one check early: 50 to 80 s in, after the trainer has started.
+    # The run is far longer than that; only the signal's save writes a checkpoint.
+    job = slurm.sbatch(["--time=2", "--signal=B:USR1@40", str(SBATCH), "tiny.toml",
                         "--train.steps=100000", f"--logging.dir={run}",
                         "--checkpoint.interval=100000"], cwd=workdir,
                        env=job_env(default_cache["cache"]))
-    wait(lambda: int(slurm.job(job).get("Restarts", 0)) >= 1, 150, "the job to requeue itself",
+    wait(lambda: int(slurm.job(job).get("Restarts", 0)) >= 1, 180, "the job to requeue itself",
          lambda: slurm.diagnose(job))
     slurm.run(["scancel", str(job)])  # requeued: enough; do not run it again
     text = Path(slurm.job(job)["StdOut"]).read_text()
