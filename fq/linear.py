@@ -14,6 +14,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import types
+import zlib
 
 import torch
 import torch.nn as nn
@@ -155,7 +156,8 @@ class FQLinear(nn.Linear):
         if not self.fq_config.stochastic_rounding:
             return None
         self._seed_calls += 1
-        return (hash(self.fq_name) * 1000003 + self._seed_calls) % (2**31 - 1)
+        # crc32, not hash(): str hashes change per process, seeds must not.
+        return (zlib.crc32(self.fq_name.encode()) * 1000003 + self._seed_calls) % (2**31 - 1)
 
     def _record(self, which: int, q: TileQuant, shape) -> None:
         """Accumulate counts on device (no sync); the budget policy adapts the threshold there too."""
