@@ -56,7 +56,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 300
+    steps: int = 200
     seed: int = 1234
     global_batch_size: int = 16
     micro_batch_size: int = 8
