@@ -85,6 +85,14 @@ def train_steps(run_dir: Path) -> list[int]:
     return [r["step"] for r in records if "loss" in r]
 
 
+def wait(predicate, timeout, what, diagnose):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}\n{diagnose()}")
+        time.sleep(0.2)
+
+
 def test_job_completes_with_checkpoint_and_metrics(slurm, workdir, default_cache):
     run = workdir / "run"
     job = submit(slurm, workdir, default_cache["cache"], "--train.steps=6",
@@ -171,14 +179,6 @@ def test_unresolvable_rendezvous_host_says_so(slurm):
                          text=True, timeout=60)
     assert res.returncode == 2
     assert "rendezvous host 'no-such-node1' (the job's first node) does not resolve" in res.stderr
-
-
-def wait(predicate, timeout, what, diagnose):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}\n{diagnose()}")
-        time.sleep(0.2)
 
 
 def test_sbatch_outside_slurm_says_so():
