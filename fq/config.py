@@ -48,4 +48,5 @@ class FQConfig:
         for key in ("include", "exclude"):
             globs = getattr(self, key)
             if not isinstance(globs, tuple) or not all(isinstance(g, str) and g for g in globs):
-                raise ValueError(f"fq.{key}={globs!r}: must be a list of non-empty module-name globs, e.g. ['layers.*']")
+                raise ValueError(f"fq.{key}={globs!r}: must be a list of non-empty module-name globs, "
+                                 "e.g. ['layers.*']")
