@@ -112,11 +112,15 @@ def tile_stats(x: torch.Tensor, tile: int, threshold: torch.Tensor | float, base
 
     Returns rowmax (M, Kt) fp32 (inf where a NaN/Inf sits), flags (Mt, Kt) bool, and stats (4,)
     int64 with the saturated entry still 0 (quantization fills it)."""
-    m, k = x.shape
-    xt = _tiles(x, tile)
+    return _tile_stats(_tiles(x, tile), *x.shape, tile, threshold, base_threshold, fallback)
+
+
+def _tile_stats(xt: torch.Tensor, m: int, k: int, tile: int, threshold, base_threshold: float, fallback: bool):
+    """tile_stats on x already cut into tiles (Mt, Kt, T, T)."""
+    dev = xt.device
     ax = xt.abs()
     rowmax = ax.amax(dim=3)  # (Mt, Kt, T)
-    tile_nonfinite = torch.zeros(xt.shape[:2], dtype=torch.int64, device=x.device)
+    tile_nonfinite = torch.zeros(xt.shape[:2], dtype=torch.int64, device=dev)
     if not bool(torch.isfinite(rowmax).all()):
         nonfinite = ~torch.isfinite(xt)
         tile_nonfinite = nonfinite.flatten(2).sum(dim=2)
@@ -124,14 +128,14 @@ def tile_stats(x: torch.Tensor, tile: int, threshold: torch.Tensor | float, base
         rowmax = torch.where(nonfinite.any(dim=3), torch.full_like(rowmax, float("inf")), ax.amax(dim=3))
     amax = _tile_amax(ax)
     sumsq = (ax * ax).flatten(2).sum(dim=2)
-    rows = torch.clamp(m - torch.arange(xt.shape[0], device=x.device) * tile, max=tile)
-    cols = torch.clamp(k - torch.arange(xt.shape[1], device=x.device) * tile, max=tile)
+    rows = torch.clamp(m - torch.arange(xt.shape[0], device=dev) * tile, max=tile)
+    cols = torch.clamp(k - torch.arange(xt.shape[1], device=dev) * tile, max=tile)
     count = (rows[:, None] * cols[None, :]).float()
     finite = tile_nonfinite == 0
     lhs = amax * amax * count
 
     def over(thr):
-        thr = torch.as_tensor(thr, dtype=torch.float32, device=x.device)
+        thr = torch.as_tensor(thr, dtype=torch.float32, device=dev)
         return lhs > thr * thr * sumsq
 
     flags = over(threshold) & finite if fallback else torch.zeros_like(finite)
@@ -152,12 +156,13 @@ def quantize_act(x: torch.Tensor, tile: int, threshold: torch.Tensor | float, ba
     """Quantize an activation operand (M, K) along its rows, with fallback tiles; `transposed`
     also returns the (K, M) copies the weight-gradient GEMM reads."""
     m, k = x.shape
-    rowmax, flags, stats = tile_stats(x, tile, threshold, base_threshold, fallback)
+    xt = _tiles(x, tile)
+    rowmax, flags, stats = _tile_stats(xt, m, k, tile, threshold, base_threshold, fallback)
     scale, inv = row_scales(rowmax, flags, tile)
     mt, kt = flags.shape
     inv_p = torch.ones(mt * tile, device=x.device)
     inv_p[:m] = inv
-    z = _finite_only(_tiles(x, tile) * inv_p.view(mt, 1, tile, 1))
+    z = _finite_only(xt * inv_p.view(mt, 1, tile, 1))
     stats = stats.clone()
     if not bool(flags.any()):
         q, stats[STAT_SATURATED] = _to_int8(_round(z, seed))
@@ -233,9 +238,10 @@ def tail_matrix(a: TileQuant, q: torch.Tensor | None = None, q2: torch.Tensor | 
 
 
 def _exact_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Exact product of int8-valued matrices: float32 when every partial sum stays below 2**24."""
+    """Exact product of int8-valued matrices: float32 when every partial sum stays below 2**24
+    (as exact as the kernel's INT32, and what its epilogue converts to), else float64."""
     dt = torch.float32 if a.shape[1] * 127 * 127 < 2**24 else torch.float64
-    return (a.to(dt) @ b.to(dt)).double()
+    return a.to(dt) @ b.to(dt)
 
 
 def int_sums(a_q: torch.Tensor, b_q: torch.Tensor) -> torch.Tensor:
@@ -250,8 +256,8 @@ def gemm_a_fallback(a: TileQuant, b_q: torch.Tensor, b_scale: torch.Tensor, out_
     acc = _exact_matmul(a.q, b_q.t())
     t = tail_matrix(a)
     if t is not None:
-        acc = acc + t @ b_q.double().t()
-    return (acc * a.scale.double()[:, None] * b_scale.double()[None, :]).to(out_dtype)
+        acc = acc.double() + t @ b_q.double().t()
+    return (acc * a.scale.to(acc.dtype)[:, None] * b_scale.to(acc.dtype)[None, :]).to(out_dtype)
 
 
 def gemm_b_fallback(a_q: torch.Tensor, a_scale: torch.Tensor, b: TileQuant, out_dtype: torch.dtype) -> torch.Tensor:
@@ -263,8 +269,8 @@ def gemm_b_fallback(a_q: torch.Tensor, a_scale: torch.Tensor, b: TileQuant, out_
     acc = _exact_matmul(a_q, q)
     t = tail_matrix(b, q, q2)
     if t is not None:
-        acc = acc + a_q.double() @ t
-    return (acc * a_scale.double()[:, None]).to(out_dtype)
+        acc = acc.double() + a_q.double() @ t
+    return (acc * a_scale.to(acc.dtype)[:, None]).to(out_dtype)
 
 
 def dequantize(a: TileQuant) -> torch.Tensor:
