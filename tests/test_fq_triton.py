@@ -102,6 +102,20 @@ def test_three_gemms_match_reference(tile, m, k, n):
     assert ((dw - dw_ref).norm() / dw_ref.norm()) < 1e-6
 
 
+@pytest.mark.parametrize("m", [1, 127, 3000])
+def test_odd_row_counts(m):
+    x = rand(m, 129, seed=m)
+    x[:, 100] *= 500.0
+    w = rand(127, 129, seed=15, scale=0.05)
+    a = R.quantize_act(x, 64, THR, THR, True, transposed=True)
+    b = T.quantize_act(x, 64, THR, THR, True, transposed=True)
+    assert_same_quant(a, b, m, 129)
+    wq, ws = T.quantize_rows(w)
+    assert torch.equal(T.int_sums(b.q, wq), R.int_sums(a.q, wq))
+    y_ref = R.gemm_a_fallback(a, wq, ws, torch.float32)
+    assert ((T.gemm_a_fallback(b, wq, ws, torch.float32) - y_ref).norm() / y_ref.norm()) < 1e-6
+
+
 def test_single_fallback_tile_skips_other_blocks():
     x = rand(200, 160, seed=12)
     x[70, 40] = 3000.0  # one fallback tile, (1, 1) at tile 64: other row/column blocks skip the tail
