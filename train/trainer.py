@@ -276,9 +276,9 @@ class Trainer:
         return (total / (self.cfg.train.val_batches * self.world_size)).item()
 
     def _fq_stats(self) -> dict:
+        if not self.cfg.fq.enabled:
+            return {}  # fallback_ratio is then logged as null: not applicable, not zero
         stats = fq.collect_stats(self.model, reset=True)
-        if not stats:
-            return {}
         keys = sorted(stats)
         values = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=self.device)
         dist.all_reduce(values)
