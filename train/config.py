@@ -125,6 +125,11 @@ class LoggingConfig:
     tensorboard: bool = True
     # Show a progress bar on an interactive terminal.
     progress_bar: bool = True
+    # Activation outlier telemetry (train/outliers.py): hooks count outliers per layer on
+    # logged steps that are multiples of outlier_interval (a multiple of logging.interval).
+    # Off: no hooks at all.
+    outliers: bool = False
+    outlier_interval: int = 100
 
 
 @dataclass
@@ -316,6 +321,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     need(cfg.checkpoint.interval >= 0, f"checkpoint.interval={cfg.checkpoint.interval}: must be >= 0")
     need(cfg.checkpoint.keep_latest >= 1, f"checkpoint.keep_latest={cfg.checkpoint.keep_latest}: must be >= 1")
     need(cfg.logging.interval > 0, f"logging.interval={cfg.logging.interval}: must be > 0")
+    lg = cfg.logging
+    need(not lg.outliers or (lg.outlier_interval > 0 and lg.outlier_interval % lg.interval == 0),
+         f"logging.outlier_interval={lg.outlier_interval} must be a positive multiple of "
+         f"logging.interval={lg.interval} (outlier counts are logged with the other metrics)")
 
 
 def to_dict(cfg: Config) -> dict:

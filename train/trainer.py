@@ -26,6 +26,7 @@ from train.checkpoint import Checkpointer
 from train.data import IndexedDataset, SampleStream, resolve_val_prefix
 from train.metrics import MetricsWriter
 from train.model import Transformer, flops_per_token, num_params
+from train.outliers import OutlierMonitor
 from train.schedule import lr_factor
 
 log = logging.getLogger("fqtrain")
@@ -131,6 +132,8 @@ class Trainer:
             log.info("parallel: world size 1, INT8 collectives not used (nothing to communicate)")
             pcfg = C.ParallelConfig(**{**pcfg.__dict__, "all_gather_dtype": "fp32", "reduce_scatter_dtype": "fp32"})
         self.model = shard_model(model, self.mesh, pcfg, param_dtype=self.compute_dtype)
+        # Off: no hooks at all. On: hooks count only during steps whose metrics they join.
+        self.outliers = OutlierMonitor(self.model) if cfg.logging.outliers else None
         if cfg.train.compile:
             for block in self.model.layers:
                 block.compile()
@@ -287,6 +290,10 @@ class Trainer:
             out[k] = v / self.world_size if "ratio" in k else v
         return out
 
+    def _outlier_step(self, step: int) -> bool:
+        """Outlier counts are taken on these steps (all of them logged: see config.validate)."""
+        return step % self.cfg.logging.outlier_interval == 0 or step == self.cfg.train.steps
+
     # ---- the loop ---------------------------------------------------------------------------
     def _install_signal_handlers(self) -> None:
         def request_stop(signum, _frame):
@@ -319,13 +326,19 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         while self.step < cfg.train.steps:
+            if self.outliers is not None:
+                self.outliers.active = self._outlier_step(self.step + 1)
             out = self.train_step()
+            if self.outliers is not None:
+                self.outliers.active = False
             done = self.step == cfg.train.steps
             if self.step % cfg.logging.interval == 0 or self.step == start_step + 1 or done:
                 now = time.perf_counter()
                 tokens = (self.step - step_last) * cfg.train.global_batch_size * cfg.data.seq_len
                 tps = tokens / max(now - t_last, 1e-9)
                 out.update(self._fq_stats())
+                if self.outliers is not None and self._outlier_step(self.step):
+                    out.update(self.outliers.collect())
                 out.setdefault("fallback_ratio", None)
                 out["tokens_per_sec"] = tps
                 out["tokens_seen"] = self.tokens_seen
