@@ -90,6 +90,9 @@ class Trainer:
         self.cfg = cfg
         self.rank, self.world_size, self.device = init_distributed(cfg.train.device)
         C.validate(cfg, self.world_size)
+        if cfg.parallel.engine == "deepspeed":
+            from parallel import deepspeed_engine
+            deepspeed_engine.check_config(cfg, self.world_size, self.device.type)
         self.is_main = self.rank == 0
         self.run_dir = cfg.logging.dir
         if cfg.train.deterministic:
@@ -115,7 +118,9 @@ class Trainer:
             os.makedirs(self.run_dir, exist_ok=True)
             with open(os.path.join(self.run_dir, "config.toml"), "w", encoding="utf-8") as f:
                 f.write(C.to_toml(cfg))
-        self.checkpointer = Checkpointer(cfg, self.run_dir, self.rank, self.world_size)
+        checkpointer = (deepspeed_engine.DeepSpeedCheckpointer if cfg.parallel.engine == "deepspeed"
+                        else Checkpointer)
+        self.checkpointer = checkpointer(cfg, self.run_dir, self.rank, self.world_size)
         self.checkpointer.check_writable()
 
         # Model: built in full on every rank from the same seed (identical init whatever the
@@ -131,7 +136,10 @@ class Trainer:
             # Nothing crosses a wire in a world of one: quantizing would only add error.
             log.info("parallel: world size 1, INT8 collectives not used (nothing to communicate)")
             pcfg = C.ParallelConfig(**{**pcfg.__dict__, "all_gather_dtype": "fp32", "reduce_scatter_dtype": "fp32"})
-        self.model = shard_model(model, self.mesh, pcfg, param_dtype=self.compute_dtype)
+        if cfg.parallel.engine == "deepspeed":
+            self.model = model  # DeepSpeed shards it below, together with the optimizer
+        else:
+            self.model = shard_model(model, self.mesh, pcfg, param_dtype=self.compute_dtype)
         # Off: no hooks at all. On: hooks count only during steps whose metrics they join.
         self.outliers = OutlierMonitor(self.model) if cfg.logging.outliers else None
         if cfg.train.compile:
@@ -141,6 +149,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, cfg.train.steps, cfg.optim))
+        if cfg.parallel.engine == "deepspeed":
+            self.model, self.optimizer, self.scheduler = deepspeed_engine.initialize(
+                self.model, self.optimizer, self.scheduler, cfg, self.world_size, self.compute_dtype)
 
         self.step = 0
         self.consumed_samples = 0
@@ -223,6 +234,8 @@ class Trainer:
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1))
 
     def train_step(self) -> dict:
+        if self.cfg.parallel.engine == "deepspeed":
+            return self._deepspeed_step()
         t = self.cfg.train
         accum = t.global_batch_size // (t.micro_batch_size * self.world_size)
         self.optimizer.zero_grad(set_to_none=True)
@@ -258,6 +271,40 @@ class Trainer:
             # A skipped update still advances the schedule, which torch warns about.
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
             self.scheduler.step()
+        self.step += 1
+        self.consumed_samples += t.global_batch_size
+        self.tokens_seen += t.global_batch_size * self.cfg.data.seq_len
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm}
+
+    def _deepspeed_step(self) -> dict:
+        """DeepSpeed divides each micro-batch's loss by the accumulation steps, and at the last
+        one clips, steps the optimizer and the LR schedule. The logged loss is the same global
+        mean as in `train_step`. A non-finite step is not skipped (DeepSpeed applies bf16/fp32
+        updates whatever the norm) but counts toward train.max_bad_steps (docs/deepspeed.md)."""
+        t = self.cfg.train
+        lr = self.optimizer.param_groups[0]["lr"]
+        loss_sum = torch.zeros((), device=self.device)
+        micro = 0
+        for tokens in self.micro_batches(self.consumed_samples):
+            loss = self.loss_fn(tokens)
+            self.model.backward(loss)
+            self.model.step()
+            loss_sum += loss.detach()
+            micro += 1
+        dist.all_reduce(loss_sum)
+        loss = (loss_sum / (micro * self.world_size)).item()
+        grad_norm = float(self.model.get_global_grad_norm())
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.bad_streak = 0
+        else:
+            self.bad_streak += 1
+            log.warning(f"step {self.step + 1}: non-finite loss ({loss}) or grad norm ({grad_norm}); "
+                        f"DeepSpeed applied the update ({self.bad_streak} in a row)")
+            if self.bad_streak >= t.max_bad_steps:
+                raise TrainingAborted(
+                    f"{self.bad_streak} consecutive steps with a non-finite loss or gradient "
+                    f"(train.max_bad_steps={t.max_bad_steps}); lower optim.lr, check the data, or resume "
+                    f"from an earlier checkpoint")
         self.step += 1
         self.consumed_samples += t.global_batch_size
         self.tokens_seen += t.global_batch_size * self.cfg.data.seq_len
