@@ -45,8 +45,9 @@ def activation_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     std = x3.std(-1, keepdim=True, correction=0)
     adaptive = (x3 - mean).abs() > STD_MULTIPLE * std
     seq_hit = big.flatten(1).any(1)
-    sums = torch.stack([big.sum(), adaptive.sum(), torch.tensor(x3.numel(), device=x.device),
-                        seq_hit.sum(), torch.tensor(x3.shape[0], device=x.device)]).double()
+    # Sizes go in by fill (a kernel argument), not torch.tensor (a host copy that would sync).
+    sums = torch.stack([big.sum(), adaptive.sum(), big.new_full((), x3.numel(), dtype=torch.int64),
+                        seq_hit.sum(), big.new_full((), x3.shape[0], dtype=torch.int64)]).double()
     return sums, ax.max(), big.flatten(0, 1).any(0), seq_hit
 
 
@@ -125,8 +126,8 @@ class OutlierMonitor:
 
     def _forward_end(self, _module, _args, _out) -> None:
         if self.active and self._seq_any is not None:
-            self._model_seqs += torch.stack([self._seq_any.sum(),
-                                             torch.tensor(self._seq_any.numel(), device=self._seq_any.device)])
+            seqs = self._seq_any.new_full((), self._seq_any.numel(), dtype=torch.int64)
+            self._model_seqs += torch.stack([self._seq_any.sum(), seqs])
         self._seq_any = None
 
     @torch.no_grad()
