@@ -110,3 +110,21 @@ def test_outlier_interval_must_be_a_logged_step():
     C.validate(C.load_config(None, ["--logging.outliers=true", "--logging.outlier_interval=20"]))
     with pytest.raises(C.ConfigError, match="logging.outlier_interval=5 must be a positive multiple"):
         C.validate(C.load_config(None, ["--logging.outliers=true", "--logging.outlier_interval=5"]))
+
+
+@pytest.mark.slow
+def test_two_ranks_count_the_whole_global_batch(default_cache, tmp_path):
+    """Counts are summed over ranks (collectives on every rank, no hang): the element count of a
+    site is the global batch's whatever the world size; the maxima agree with one process."""
+    from tests.test_train import TINY, read_metrics, run_cli
+
+    common = [*TINY, "--train.steps=2", "--logging.interval=2", "--logging.outliers=true",
+              "--logging.outlier_interval=2", "--train.val_interval=0", "--logging.tensorboard=false",
+              "--fq.enabled=false", "--parallel.all_gather_dtype=fp32", "--parallel.reduce_scatter_dtype=fp32"]
+    run_cli([*common, f"--logging.dir={tmp_path / 'one'}"], default_cache["cache"])
+    run_cli([*common, f"--logging.dir={tmp_path / 'two'}"], default_cache["cache"], nproc=2)
+    one, two = (read_metrics(tmp_path / d)[0][-1] for d in ("one", "two"))
+    keys = [k for k in one if k.startswith("outliers/")]
+    assert keys and sorted(keys) == sorted(k for k in two if k.startswith("outliers/"))
+    for k in keys:
+        assert two[k] == pytest.approx(one[k], rel=1e-4, abs=1e-6), k
