@@ -116,18 +116,20 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
 class DeepSpeedCheckpointer(Checkpointer):
     """The Checkpointer interface over DeepSpeed's own save/load.
 
-    Layout: {checkpoint.dir}/step-{N:08d}/ as DeepSpeed writes it (per-rank ZeRO shards of the
-    FP32 weights and optimizer state, the LR scheduler, and our train state as client state),
-    plus `config.toml`. DeepSpeed writes `latest` itself, after its files, with the same content
-    as the FSDP path's marker (the folder name); it is neither atomic nor checksummed, and the
-    folders have no manifest, so the two engines' checkpoints do not load into each other."""
+    Layout: {checkpoint.dir}/step-{N:08d}/ as DeepSpeed writes it (per-rank ZeRO partitions of
+    the FP32 weights and optimizer state, the LR scheduler, our train state as client state),
+    plus `config.toml`; `latest` as on the FSDP path (atomic, written once every rank's files
+    are). No manifest or crc32: the two engines' checkpoints do not load into each other."""
 
     def save(self, step: int, model, optimizer, scheduler, train_state: dict) -> str:
         final = step_dir(self.root, step)
-        model.save_checkpoint(self.root, tag=os.path.basename(final),
+        # DeepSpeed's own `latest` is written by rank 0 before the other ranks are known to have
+        # finished; ours, written after DeepSpeed's closing barrier, names only complete saves.
+        model.save_checkpoint(self.root, tag=os.path.basename(final), save_latest=False,
                               client_state={CLIENT_STATE_KEY: {**train_state, "world_size": self.world_size}})
         if self.rank == 0:
             _write_text(os.path.join(final, "config.toml"), self.config_toml)
+            _write_text(os.path.join(self.root, "latest"), os.path.basename(final) + "\n")
             self._prune(step)
             log.info(f"saved checkpoint {final} (DeepSpeed)")
         dist.barrier()
