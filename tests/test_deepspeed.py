@@ -54,6 +54,13 @@ def test_missing_deepspeed_says_how_to_install(monkeypatch):
         deepspeed_engine.check_config(cfg_of(*FP32_WIRE), 2, "cpu")
 
 
+def test_project_imports_without_deepspeed():
+    code = ("import sys; sys.modules['deepspeed'] = None; "
+            "import train.__main__, train.trainer, parallel.deepspeed_engine, parallel.fsdp")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_deepspeed_config_maps_batch_clip_and_wire_dtypes():
     import torch
 
@@ -71,6 +78,18 @@ def test_deepspeed_config_maps_batch_clip_and_wire_dtypes():
     assert ds["communication_data_type"] == "fp32" and ds["bf16"] == {"enabled": False}
     ds = deepspeed_engine.deepspeed_config(cfg_of(), 1, torch.float32)
     assert not ds["zero_optimization"]["zero_quantized_weights"]
+
+
+@needs_deepspeed
+def test_zero_section_is_valid_for_deepspeed():
+    """DeepSpeed's own schema (unknown keys are errors), for the CUDA ZeRO++ settings no CPU
+    run can exercise."""
+    import torch
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    zero = DeepSpeedZeroConfig(**deepspeed_engine.deepspeed_config(cfg_of(), 2, torch.bfloat16)["zero_optimization"])
+    assert zero.stage == 3 and zero.zero_quantized_weights and zero.zero_quantized_gradients
+    assert zero.param_persistence_threshold == 0
 
 
 @needs_deepspeed
