@@ -1,7 +1,8 @@
 """The training story: build everything in `Trainer.__init__`, then `train()` runs steps.
 
 One process per device under torchrun; a lone `python -m train` runs as a world of one. Every run
-goes through FSDP2, so checkpoints have one format whatever the process count.
+goes through FSDP2, so checkpoints have one format whatever the process count; or, with
+parallel.engine=deepspeed, through DeepSpeed ZeRO-3 and its checkpoints (docs/deepspeed.md).
 """
 from __future__ import annotations
 
