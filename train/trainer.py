@@ -6,7 +6,6 @@ parallel.engine=deepspeed, through DeepSpeed ZeRO-3 and its checkpoints (docs/de
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -428,8 +427,9 @@ def setup_logging(rank: int) -> None:
 def run(cfg: C.Config) -> dict:
     setup_logging(int(os.environ.get("RANK", 0)))
     trainer = Trainer(cfg)
-    try:
-        return trainer.train()
-    finally:
-        with contextlib.suppress(Exception):
-            dist.destroy_process_group()
+    result = trainer.train()
+    # Leave together: a rank that tears its process group down while another still talks on it
+    # aborts in gloo's C++ threads ("terminate called without an active exception").
+    dist.barrier()
+    dist.destroy_process_group()
+    return result
