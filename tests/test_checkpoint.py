@@ -20,10 +20,10 @@ def read_latest(ck) -> str:
 
 @pytest.fixture(scope="module")
 def saved(default_cache, tmp_path_factory):
-    """A world-of-1 run with a checkpoint at step 2."""
+    """A world-of-1 run with a checkpoint at step 2 (tied embeddings: stored once, re-tied at load)."""
     tmp = tmp_path_factory.mktemp("ckpt")
     train(default_cache["cache"], tmp / "run", "--train.steps=2", "--checkpoint.interval=2",
-          f"--checkpoint.dir={tmp / 'ck'}")
+          "--model.tie_embeddings=true", f"--checkpoint.dir={tmp / 'ck'}")
     return {"ck": tmp / "ck", "cache": default_cache["cache"], "tmp": tmp}
 
 
@@ -40,7 +40,7 @@ def test_kill_during_save_at_each_point_keeps_previous_checkpoint(saved, tmp_pat
     shutil.copytree(saved["ck"], ck)
     for point in FAULT_POINTS:
         res = train(saved["cache"], tmp_path / point, "--train.steps=3", "--checkpoint.interval=3",
-                    f"--checkpoint.dir={ck}", env={"FQTRAIN_FAULT": point}, expect_rc=FAULT_EXIT_CODE)
+                    "--model.tie_embeddings=true", f"--checkpoint.dir={ck}", env={"FQTRAIN_FAULT": point}, expect_rc=FAULT_EXIT_CODE)
         assert f"FQTRAIN_FAULT={point}" in res.stderr
         # Every run resumed from step 2: the previous checkpoint stayed loadable.
         assert "resuming from" in res.stderr and "step-00000002 at step 2" in res.stderr, point
@@ -55,7 +55,7 @@ def test_kill_during_save_at_each_point_keeps_previous_checkpoint(saved, tmp_pat
     # The next run ignores the unmarked step 3, its saves replace it and clear the leftovers,
     # and keep_latest prunes the oldest.
     res = train(saved["cache"], tmp_path / "after", "--train.steps=4", "--checkpoint.interval=1",
-                "--checkpoint.keep_latest=2", f"--checkpoint.dir={ck}")
+                "--checkpoint.keep_latest=2", "--model.tie_embeddings=true", f"--checkpoint.dir={ck}")
     assert "ignoring step-00000003: newer than 'latest'" in res.stderr
     assert "step-00000002 at step 2" in res.stderr
     assert read_latest(ck) == "step-00000004" and not list(ck.glob("*.tmp"))
@@ -70,7 +70,7 @@ def test_one_rank_dying_mid_save_on_two_ranks(saved, tmp_path):
     ck = tmp_path / "ck"
     shutil.copytree(saved["ck"], ck)
     train(saved["cache"], tmp_path / "run", "--train.steps=3", "--checkpoint.interval=3",
-          f"--checkpoint.dir={ck}", nproc=2,
+          "--model.tie_embeddings=true", f"--checkpoint.dir={ck}", nproc=2,
           env={"FQTRAIN_FAULT": "after_shards", "FQTRAIN_FAULT_RANK": "1"}, expect_rc=1)
     assert read_latest(ck) == "step-00000002" and not (ck / "step-00000003").exists()
     assert list((ck / "step-00000003.tmp").glob("__0_*.distcp"))

@@ -20,15 +20,24 @@ pytest.importorskip("safetensors")
 def source(default_cache, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("export")
     train(default_cache["cache"], tmp / "run", "--train.steps=2", "--checkpoint.interval=2",
-          f"--checkpoint.dir={tmp / 'ck'}")
+          "--model.tie_embeddings=true", f"--checkpoint.dir={tmp / 'ck'}")
     path = str(tmp / "ck" / "step-00000002")
-    return {"path": path, "weights": consolidate(path), "cache": default_cache["cache"], "tmp": tmp}
+    return {"path": path, "weights": read_weights(path)[0], "cache": default_cache["cache"], "tmp": tmp}
 
 
 def assert_equal(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_tied_embedding_is_stored_once(source):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(source["path"]).read_metadata().state_dict_metadata
+    assert "model.tok_embeddings.weight" in keys and "model.output.weight" not in keys
+    assert "output.weight" not in consolidate(source["path"])
+    assert source["weights"]["output.weight"] is source["weights"]["tok_embeddings.weight"]
 
 
 def test_round_trips_are_bitwise(source, tmp_path):
@@ -48,9 +57,9 @@ def test_round_trips_are_bitwise(source, tmp_path):
     assert main([src, str(tmp_path / "m.bin")]) == 2
 
 
-def tied_gqa_model() -> tuple[Transformer, C.ModelConfig]:
+def gqa_model(tie: bool = True) -> tuple[Transformer, C.ModelConfig]:
     cfg = C.ModelConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=300, max_seq_len=64,
-                        tie_embeddings=True, rope_theta=500000.0)
+                        tie_embeddings=tie, rope_theta=500000.0)
     torch.manual_seed(0)
     model = Transformer(cfg)
     with torch.no_grad():  # norms away from 1, so a swapped norm would show
@@ -61,7 +70,7 @@ def tied_gqa_model() -> tuple[Transformer, C.ModelConfig]:
 
 
 def test_tied_embeddings_round_trip_through_hf(tmp_path):
-    model, cfg = tied_gqa_model()
+    model, cfg = gqa_model()
     weights = model.state_dict()
     hf, hf_config = to_hf(weights, cfg)
     assert "lm_head.weight" not in hf and hf_config["tie_word_embeddings"]
@@ -71,7 +80,7 @@ def test_tied_embeddings_round_trip_through_hf(tmp_path):
 
 
 def test_mismatched_weights_are_named():
-    model, cfg = tied_gqa_model()
+    model, cfg = gqa_model()
     weights = dict(model.state_dict())
     weights["layers.0.mlp.up_proj.weight"] = torch.zeros(3, 3)
     with pytest.raises(CheckpointError, match="layers.0.mlp.up_proj.weight"):
@@ -90,12 +99,12 @@ def hf_logits(folder, tokens):
 
 def test_transformers_computes_the_same_logits(source, tmp_path):
     pytest.importorskip("transformers")
-    # The trained checkpoint (untied, GQA 4/2) and a tied GQA 8/2 model with another rope_theta.
+    # The trained checkpoint (tied, GQA 4/2) and an untied GQA 8/2 model with another rope_theta.
     weights, cfg = read_weights(source["path"])
     ours = Transformer(cfg)
     ours.load_state_dict(weights)
-    tied, tied_cfg = tied_gqa_model()
-    for model, m, name in ((ours, cfg, "trained"), (tied, tied_cfg, "tied")):
+    untied, untied_cfg = gqa_model(tie=False)
+    for model, m, name in ((ours, cfg, "trained"), (untied, untied_cfg, "untied")):
         write_hf(str(tmp_path / name), model.state_dict(), m)
         tokens = torch.randint(0, m.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
         with torch.no_grad():

@@ -185,7 +185,7 @@ class Checkpointer:
             os.makedirs(tmp)
         dist.barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+        state = {"model": self._untied(model_sd), "optim": optim_sd}
         # Small files first: they are written synchronously and checksummed with the shards.
         torch.save(_rng_state(), os.path.join(tmp, f"rng-rank{self.rank}.pt"))
         if self.rank == 0:
@@ -207,6 +207,12 @@ class Checkpointer:
             dcp.save(state, checkpoint_id=tmp)
             self._finalize(self._write_then_checksum(None, tmp), tmp, final, t0)
         return final
+
+    def _untied(self, model_sd: dict) -> dict:
+        """With tied embeddings `output.weight` is `tok_embeddings.weight`: store it once."""
+        if self.model_cfg.tie_embeddings:
+            model_sd = {k: v for k, v in model_sd.items() if k != "output.weight"}
+        return model_sd
 
     def _write_then_checksum(self, upload, tmp: str) -> tuple[dict, float]:
         """(size and crc32 of each file this rank wrote, seconds the checksums took)."""
@@ -286,13 +292,14 @@ class Checkpointer:
     def load(self, path: str, model, optimizer, scheduler) -> dict:
         t0 = time.perf_counter()
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+        state = {"model": self._untied(model_sd), "optim": optim_sd}
         try:
             dcp.load(state, checkpoint_id=path)
         except Exception as e:  # DCP's errors do not say which checkpoint
             raise CheckpointError(f"checkpoint {path} could not be loaded (does the model config "
                                   f"match {os.path.join(path, 'config.toml')}?): {e}") from e
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(model, optimizer, model_state_dict=retie(state["model"], self.model_cfg),
+                       optim_state_dict=state["optim"])
         with open(os.path.join(path, "train_state.json"), encoding="utf-8") as f:
             train_state = json.load(f)
         scheduler.load_state_dict(train_state.pop("scheduler"))
@@ -314,12 +321,12 @@ class Checkpointer:
             problem = verify(path) or self._verify_all_ranks(path)
             if problem:
                 raise CheckpointError(f"checkpoint.init_from='{path}': {problem}")
-            model_sd = get_model_state_dict(model)
+            model_sd = self._untied(get_model_state_dict(model))
             try:
                 dcp.load({"model": model_sd}, checkpoint_id=path)
             except Exception as e:
                 raise CheckpointError(f"checkpoint.init_from='{path}': could not load its weights: {e}") from e
-            set_model_state_dict(model, model_sd)
+            set_model_state_dict(model, retie(model_sd, self.model_cfg))
         else:
             weights, _ = read_weights(path)
             check_weights(weights, model.state_dict(), f"checkpoint.init_from='{path}'")
@@ -382,6 +389,13 @@ def consolidate(path: str) -> dict[str, torch.Tensor]:
         return _load_state_dict_from_keys(keys="model", checkpoint_id=path)["model"]
 
 
+def retie(weights: dict, model_cfg: C.ModelConfig) -> dict:
+    """Put back the `output.weight` that a checkpoint of a tied model does not store."""
+    if model_cfg.tie_embeddings and "output.weight" not in weights:
+        weights = {**weights, "output.weight": weights["tok_embeddings.weight"]}
+    return weights
+
+
 def model_config_of(path: str) -> C.ModelConfig:
     """The model config of a step-N folder (its config.toml)."""
     return C.load_config(os.path.join(path, "config.toml")).model
@@ -392,7 +406,8 @@ def read_weights(path: str) -> tuple[dict[str, torch.Tensor], C.ModelConfig | No
     Llama folder, or a step-N folder; plus the model config when the source records one."""
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, ".metadata")):
-            return consolidate(path), model_config_of(path)
+            model_cfg = model_config_of(path)
+            return retie(consolidate(path), model_cfg), model_cfg
         if os.path.isfile(os.path.join(path, "config.json")):
             return read_hf(path)
         raise CheckpointError(f"'{path}' is a folder with neither .metadata (a checkpoint) nor "
