@@ -3,6 +3,12 @@ import socket
 import sys
 
 import pytest
+import torch
+
+# Triton reads TRITON_INTERPRET when it is first imported (any test module, or DeepSpeed, may
+# import it), so the CPU interpreter must be chosen before any test module loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:

@@ -36,6 +36,26 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
     return config_path, overrides
 
 
+def finish() -> None:
+    """Leave after a completed run. A world of one tears its process group down normally. Under
+    torchrun the process exits at once instead: the C++ destructors of gloo's (and DeepSpeed's)
+    communication threads abort the interpreter's shutdown now and then ("terminate called
+    without an active exception", exit -6), which would turn a finished run into a failed job.
+    Everything the run writes is flushed and closed by then."""
+    import logging
+    import os
+
+    import torch.distributed as dist
+
+    if dist.get_world_size() == 1:
+        dist.destroy_process_group()
+        return
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
     from train.config import ConfigError, load_config
 
@@ -46,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         from train.trainer import run
 
         run(cfg)
+        finish()
     except ConfigError as e:
         print(f"fqtrain: config error: {e}", file=sys.stderr)
         return 2

@@ -428,8 +428,5 @@ def run(cfg: C.Config) -> dict:
     setup_logging(int(os.environ.get("RANK", 0)))
     trainer = Trainer(cfg)
     result = trainer.train()
-    # Leave together: a rank that tears its process group down while another still talks on it
-    # aborts in gloo's C++ threads ("terminate called without an active exception").
-    dist.barrier()
-    dist.destroy_process_group()
+    dist.barrier()  # leave together: no rank tears down while another still talks to it
     return result
