@@ -110,7 +110,8 @@ class CheckpointConfig:
     # Save every N steps and at the last step; 0 saves nothing.
     interval: int = 0
     keep_latest: int = 3
-    # auto: newest valid checkpoint if any, else a fresh start | never | a step-N folder
+    # auto: the checkpoint `latest` names (an older valid one, with a warning, if it fails
+    # verification), else a fresh start | never | a step-N folder
     resume: str = "auto"
     async_save: bool = False
     # Weights to start from when there is nothing to resume: a .pt/.safetensors file from
