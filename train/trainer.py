@@ -94,6 +94,10 @@ class Trainer:
             from parallel import deepspeed_engine
             deepspeed_engine.check_config(cfg, self.world_size, self.device.type)
         self.is_main = self.rank == 0
+        # Installed first, so a stop requested while the model and data are being built is
+        # honoured at the first step.
+        self.stop_requested = False
+        self._install_signal_handlers()
         self.run_dir = cfg.logging.dir
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -158,7 +162,6 @@ class Trainer:
         self.tokens_seen = 0
         self.skipped_steps = 0
         self.bad_streak = 0
-        self.stop_requested = False
         resume = self.checkpointer.find_resume()
         if resume:
             state = self.checkpointer.load(resume, self.model, self.optimizer, self.scheduler)
@@ -343,9 +346,10 @@ class Trainer:
 
     # ---- the loop ---------------------------------------------------------------------------
     def _install_signal_handlers(self) -> None:
+        # Only a flag: the same request may arrive several times (slurmstepd and the launcher),
+        # and logging from a signal handler can deadlock on the logging lock.
         def request_stop(signum, _frame):
-            log.warning(f"received {signal.Signals(signum).name}: saving a checkpoint and exiting")
-            self.stop_requested = True
+            self.stop_requested = signal.Signals(signum).name
 
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, request_stop)
@@ -362,7 +366,6 @@ class Trainer:
 
     def train(self) -> dict:
         cfg = self.cfg
-        self._install_signal_handlers()
         self.model.train()
         start_step = self.step
         if start_step >= cfg.train.steps:
@@ -403,6 +406,8 @@ class Trainer:
                 if last_val is not None:
                     self.metrics.log_eval(self.step, last_val)
             if self._agree_to_stop():
+                why = f"received {self.stop_requested}" if self.stop_requested else "stop requested by another rank"
+                log.warning(f"{why}: saving a checkpoint at step {self.step} and exiting")
                 self.save()
                 log.info(f"stopped at step {self.step} on request; resume with checkpoint.resume=auto")
                 break
