@@ -91,7 +91,7 @@ def main() -> None:
             results.append(run_row(name, args, data, workdir))
             print(json.dumps(results[-1]), flush=True)
     base = next((r for r in results if r["row"] == "bf16" and "error" not in r), None)
-    print(f"\n| row | tokens/s | vs bf16 | MFU | peak GiB | vs bf16 | last loss | fallback | backend |")
+    print("\n| row | tokens/s | vs bf16 | MFU | peak GiB | vs bf16 | last loss | fallback | backend |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:

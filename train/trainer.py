@@ -255,36 +255,46 @@ class Trainer:
             grad_norm = grad_norm.full_tensor()
         grad_norm = grad_norm.item()
         lr = self.optimizer.param_groups[0]["lr"]
-        if math.isfinite(loss) and math.isfinite(grad_norm):
+        # Every rank sees the same global loss and norm, so all skip together.
+        if self._check_finite(loss, grad_norm, "update skipped"):
             self.optimizer.step()
-            self.bad_streak = 0
         else:
-            # Every rank sees the same global loss and norm, so all skip together.
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
-            self.bad_streak += 1
-            log.warning(f"step {self.step + 1}: non-finite loss ({loss}) or grad norm ({grad_norm}); "
-                        f"update skipped ({self.bad_streak} in a row)")
-            if self.bad_streak >= t.max_bad_steps:
-                raise TrainingAborted(
-                    f"{self.bad_streak} consecutive steps with a non-finite loss or gradient "
-                    f"(train.max_bad_steps={t.max_bad_steps}); lower optim.lr, check the data, or resume "
-                    f"from an earlier checkpoint")
         with warnings.catch_warnings():
             # A skipped update still advances the schedule, which torch warns about.
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
             self.scheduler.step()
+        self._advance()
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm}
+
+    def _check_finite(self, loss: float, grad_norm: float, consequence: str) -> bool:
+        """True for a usable step; a bad one is counted, and train.max_bad_steps in a row abort."""
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.bad_streak = 0
+            return True
+        self.bad_streak += 1
+        log.warning(f"step {self.step + 1}: non-finite loss ({loss}) or grad norm ({grad_norm}); "
+                    f"{consequence} ({self.bad_streak} in a row)")
+        limit = self.cfg.train.max_bad_steps
+        if self.bad_streak >= limit:
+            raise TrainingAborted(
+                f"{self.bad_streak} consecutive steps with a non-finite loss or gradient "
+                f"(train.max_bad_steps={limit}); lower optim.lr, check the data, or resume "
+                f"from an earlier checkpoint")
+        return False
+
+    def _advance(self) -> None:
+        t = self.cfg.train
         self.step += 1
         self.consumed_samples += t.global_batch_size
         self.tokens_seen += t.global_batch_size * self.cfg.data.seq_len
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm}
 
     def _deepspeed_step(self) -> dict:
         """DeepSpeed divides each micro-batch's loss by the accumulation steps, and at the last
         one clips, steps the optimizer and the LR schedule. The logged loss is the same global
         mean as in `train_step`. A non-finite step is not skipped (DeepSpeed applies bf16/fp32
         updates whatever the norm) but counts toward train.max_bad_steps (docs/deepspeed.md)."""
-        t = self.cfg.train
         lr = self.optimizer.param_groups[0]["lr"]
         loss_sum = torch.zeros((), device=self.device)
         micro = 0
@@ -297,20 +307,8 @@ class Trainer:
         dist.all_reduce(loss_sum)
         loss = (loss_sum / (micro * self.world_size)).item()
         grad_norm = float(self.model.get_global_grad_norm())
-        if math.isfinite(loss) and math.isfinite(grad_norm):
-            self.bad_streak = 0
-        else:
-            self.bad_streak += 1
-            log.warning(f"step {self.step + 1}: non-finite loss ({loss}) or grad norm ({grad_norm}); "
-                        f"DeepSpeed applied the update ({self.bad_streak} in a row)")
-            if self.bad_streak >= t.max_bad_steps:
-                raise TrainingAborted(
-                    f"{self.bad_streak} consecutive steps with a non-finite loss or gradient "
-                    f"(train.max_bad_steps={t.max_bad_steps}); lower optim.lr, check the data, or resume "
-                    f"from an earlier checkpoint")
-        self.step += 1
-        self.consumed_samples += t.global_batch_size
-        self.tokens_seen += t.global_batch_size * self.cfg.data.seq_len
+        self._check_finite(loss, grad_norm, "DeepSpeed applied the update")
+        self._advance()
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm}
 
     @torch.no_grad()
