@@ -69,7 +69,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: C.OptimConfig, device: torch.device):
+def build_optimizer(model: torch.nn.Module, cfg: C.OptimConfig):
     """AdamW; no weight decay on norms, biases and embeddings (they are not GEMM weights)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -150,7 +150,7 @@ class Trainer:
             for block in self.model.layers:
                 block.compile()
 
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, cfg.train.steps, cfg.optim))
         if cfg.parallel.engine == "deepspeed":
