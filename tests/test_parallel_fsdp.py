@@ -272,3 +272,14 @@ def _training_worker(rank, world):
 def test_300_steps_int8_comms_match_bf16():
     """Plain Linear layers, then FQ layers (fq.convert), each trained with both comm settings."""
     run_workers(_training_worker, 2, timeout=420)
+
+
+def _failing_worker(rank, world):
+    dist.barrier()
+    assert rank != 1, "rank 1 fails on purpose"
+
+
+def test_run_workers_reports_a_failing_rank():
+    # The harness exits workers without teardown; a failure must still reach the test.
+    with pytest.raises(Exception, match="rank 1 fails on purpose"):
+        run_workers(_failing_worker, 2, timeout=60)
