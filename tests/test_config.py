@@ -75,6 +75,7 @@ def test_bad_file(tmp_path):
     (["--model.n_kv_heads=3"], 1, "model.n_kv_heads=3 does not divide"),
     (["--data.seq_len=4096"], 1, "exceeds model.max_seq_len"),
     (["--parallel.dp_replicate=3", "--train.global_batch_size=32"], 4, "parallel.dp_replicate=3"),
+    (["--logging.profile_steps=5", "--logging.profile_start=198"], 1, "runs past train.steps=200"),
 ])
 def test_impossible_combinations(override, world, needle):
     cfg = load_config(None, override)

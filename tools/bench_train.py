@@ -6,6 +6,7 @@ medians of the logged steps after warm-up, read back from metrics.jsonl.
 
     python tools/bench_train.py --config configs/llama-1b.toml --steps 30 --rows bf16,fq,rowwise
     python tools/bench_train.py --nproc 2 --rows bf16,fq ...   # FSDP over 2 GPUs
+    python tools/bench_train.py --profile 3 ...                # + where each row's time goes
 
 Rows: bf16 (fq.enabled=false), fq (FQ-INT8 with fallback), rowwise (fq.fallback=none: per-row
 INT8 without fallback, the torchao-style recipe), and `+compile` variants (e.g. fq+compile).
@@ -53,6 +54,8 @@ def run_row(name: str, args, data: str, workdir: str) -> dict:
            f"--model.vocab_size={args.vocab}", *ROWS[base], *args.extra]
     if compile_:
         cli.append("--train.compile=true")
+    if args.profile:  # the steps right after warm-up; left out of the medians below
+        cli += [f"--logging.profile_steps={args.profile}", f"--logging.profile_start={args.warmup + 1}"]
     if args.nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={args.nproc}", "-m", "train", *cli]
@@ -64,13 +67,22 @@ def run_row(name: str, args, data: str, workdir: str) -> dict:
         return {"row": name, "error": f"exit {proc.returncode}"}
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if '"loss"' in line]
-    timed = rows[args.warmup:]
+    timed = [r for r in rows[args.warmup:] if not args.warmup < r["step"] <= args.warmup + args.profile]
     med = lambda key: statistics.median(r[key] for r in timed if r.get(key) is not None)  # noqa: E731
     backend = [line for line in proc.stderr.splitlines() if "fq: backend" in line]
     return {"row": name, "tokens_per_sec": med("tokens_per_sec"), "mfu": med("mfu") if timed[0].get("mfu") else None,
             "peak_mem_gib": max((r.get("peak_mem_gib") or 0.0) for r in timed), "loss_last": rows[-1]["loss"],
             "fallback_ratio": rows[-1].get("fallback_ratio"),
-            "backend": backend[-1].split("fq: ", 1)[1][:60] if backend else "fq off"}
+            "backend": backend[-1].split("fq: ", 1)[1][:60] if backend else "fq off",
+            "profile": _read_profile(run_dir) if args.profile else None}
+
+
+def _read_profile(run_dir: str) -> dict | None:
+    path = os.path.join(run_dir, "profile", "summary.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def main() -> None:
@@ -81,6 +93,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=10, help="logged steps left out of the medians")
     ap.add_argument("--nproc", type=int, default=1)
     ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--profile", type=int, default=0,
+                    help="profile this many steps after the warm-up and print where the time goes")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args, args.extra = ap.parse_known_args()  # the rest: --section.key=value overrides for every row
     with tempfile.TemporaryDirectory() as workdir:
@@ -103,6 +117,11 @@ def main() -> None:
         fb = f"{100 * r['fallback_ratio']:.2f}%" if r["fallback_ratio"] is not None else "-"
         print(f"| {r['row']} | {r['tokens_per_sec']:,.0f} | {speed} | {mfu} | {r['peak_mem_gib']:.1f} | {mem} "
               f"| {r['loss_last']:.3f} | {fb} | {r['backend']} |")
+    if args.profile:
+        from train.profiling import format_summary
+        for r in results:
+            if r.get("profile"):
+                print(f"\n{r['row']}:\n{format_summary(r['profile'])}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

@@ -131,6 +131,10 @@ class LoggingConfig:
     # Off: no hooks at all.
     outliers: bool = False
     outlier_interval: int = 100
+    # torch.profiler over steps profile_start .. profile_start + profile_steps - 1 (0: off):
+    # a Chrome trace per rank and a time breakdown in {dir}/profile (train/profiling.py).
+    profile_steps: int = 0
+    profile_start: int = 10
 
 
 @dataclass
@@ -323,6 +327,12 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     need(cfg.checkpoint.keep_latest >= 1, f"checkpoint.keep_latest={cfg.checkpoint.keep_latest}: must be >= 1")
     need(cfg.logging.interval > 0, f"logging.interval={cfg.logging.interval}: must be > 0")
     lg = cfg.logging
+    need(lg.profile_steps >= 0 and lg.profile_start >= 1,
+         f"logging.profile_steps={lg.profile_steps} / logging.profile_start={lg.profile_start}: "
+         f"steps must be >= 0 and the start step >= 1")
+    need(lg.profile_steps == 0 or lg.profile_start + lg.profile_steps - 1 <= cfg.train.steps,
+         f"logging.profile_start={lg.profile_start} + profile_steps={lg.profile_steps} runs past "
+         f"train.steps={cfg.train.steps}; profile earlier steps or train longer")
     need(not lg.outliers or (lg.outlier_interval > 0 and lg.outlier_interval % lg.interval == 0),
          f"logging.outlier_interval={lg.outlier_interval} must be a positive multiple of "
          f"logging.interval={lg.interval} (outlier counts are logged with the other metrics)")

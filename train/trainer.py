@@ -27,6 +27,7 @@ from train.data import IndexedDataset, SampleStream, resolve_val_prefix
 from train.metrics import MetricsWriter
 from train.model import Transformer, flops_per_token, num_params
 from train.outliers import OutlierMonitor
+from train.profiling import StepProfiler
 from train.schedule import lr_factor
 
 log = logging.getLogger("fqtrain")
@@ -368,6 +369,8 @@ class Trainer:
         start_step = self.step
         if start_step >= cfg.train.steps:
             log.info(f"nothing to do: the run is already at step {start_step} of train.steps={cfg.train.steps}")
+        profiler = StepProfiler(cfg.logging.profile_start, cfg.logging.profile_steps, self.run_dir,
+                                self.rank, self.device)
         t0 = time.perf_counter()
         t_last, step_last = t0, self.step
         last_val = None
@@ -376,7 +379,9 @@ class Trainer:
         while self.step < cfg.train.steps:
             if self.outliers is not None:
                 self.outliers.active = self._outlier_step(self.step + 1)
+            profiler.before(self.step + 1)
             out = self.train_step()
+            profiler.after(self.step)
             if self.outliers is not None:
                 self.outliers.active = False
             done = self.step == cfg.train.steps
