@@ -33,6 +33,8 @@ def test_categories_and_per_step_figures():
     assert set(cats) == {"fq gemm", "fq quantize", "bf16/fp32 matmul", "nccl", "other kernels"}
     assert list(cats)[0] == "fq gemm"  # largest first
     assert s["top_cpu_ops_ms_per_step"] == {"aten::mm": 0.025}
+    top = {k["name"]: (k["ms_per_step"], k["launches_per_step"]) for k in s["top_kernels"]}
+    assert len(top) == 5 and top["sm90_xmma_gemm_bf16bf16"] == (0.2, 0.5)
     assert categorize("flash_fwd_kernel") == "attention" and categorize("Memcpy DtoD") == "copy / cast / fill"
 
 

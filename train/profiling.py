@@ -56,6 +56,7 @@ def union_us(intervals: list[tuple[float, float]]) -> float:
 def summarize(events, steps: int, wall_s: float) -> dict:
     """Per-step figures from the profiler's events (device-side ones only, plus the wall time)."""
     per_cat: dict[str, list[float]] = {}
+    per_kernel: dict[str, list[float]] = {}
     intervals = []
     cpu_ops: dict[str, float] = {}
     for e in events:
@@ -65,6 +66,7 @@ def summarize(events, steps: int, wall_s: float) -> dict:
         start, end = e.time_range.start, e.time_range.end
         intervals.append((start, end))
         per_cat.setdefault(categorize(e.name), []).append(end - start)
+        per_kernel.setdefault(e.name, []).append(end - start)
     busy_ms = union_us(intervals) / 1e3 / steps
     wall_ms = wall_s * 1e3 / steps
     cats = {c: {"ms_per_step": sum(d) / 1e3 / steps, "launches_per_step": len(d) / steps}
@@ -72,6 +74,8 @@ def summarize(events, steps: int, wall_s: float) -> dict:
     return {"steps": steps, "wall_ms_per_step": wall_ms, "gpu_busy_ms_per_step": busy_ms,
             "gpu_busy_fraction": busy_ms / wall_ms if wall_ms > 0 else 0.0,
             "launches_per_step": len(intervals) / steps, "categories": cats,
+            "top_kernels": [{"name": n[:120], "ms_per_step": sum(d) / 1e3 / steps, "launches_per_step": len(d) / steps}
+                            for n, d in sorted(per_kernel.items(), key=lambda kv: -sum(kv[1]))[:15]],
             "top_cpu_ops_ms_per_step": {n: t / 1e3 / steps for n, t in
                                         sorted(cpu_ops.items(), key=lambda kv: -kv[1])[:8]}}
 
