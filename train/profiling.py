@@ -86,6 +86,10 @@ def format_summary(s: dict) -> str:
              f"{s['launches_per_step']:.0f} kernel launches/step"]
     for c, v in s["categories"].items():
         lines.append(f"  {c:<20} {v['ms_per_step']:9.2f} ms/step {v['launches_per_step']:8.0f} launches/step")
+    if s.get("top_kernels"):
+        lines.append("  top kernels:")
+        for k in s["top_kernels"][:8]:
+            lines.append(f"    {k['ms_per_step']:8.2f} ms/step {k['launches_per_step']:6.0f}x  {k['name'][:70]}")
     if not s["categories"]:  # a CPU run: the operators that took the most time themselves
         for n, ms in s["top_cpu_ops_ms_per_step"].items():
             lines.append(f"  {n[:40]:<40} {ms:9.2f} ms/step (self CPU)")
