@@ -145,9 +145,13 @@ def _tile_stats(xt: torch.Tensor, m: int, k: int, tile: int, threshold, base_thr
 
 
 def row_scales(rowmax: torch.Tensor, flags: torch.Tensor, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row scale from the plain tiles only (fallback tiles carry their own multipliers)."""
+    """Row scale from the plain tiles only (fallback tiles carry their own multipliers). A row
+    whose plain tiles are all zero (or that has none) takes the absmax of all its tiles instead:
+    with scale 1 the fallback multiplier c1 of small values (gradients ~1e-6) would be tiny, and
+    the GEMM's (c1 - 1) tail term would cancel catastrophically in float32."""
     flag_rows = flags.repeat_interleave(tile, dim=0)[: rowmax.shape[0]]
-    absmax = torch.where(flag_rows, torch.zeros_like(rowmax), rowmax).amax(dim=1)
+    plain = torch.where(flag_rows, torch.zeros_like(rowmax), rowmax).amax(dim=1)
+    absmax = torch.where(plain > 0, plain, rowmax.amax(dim=1))
     return scales_from_absmax(absmax)
 
 

@@ -81,14 +81,18 @@ def _scales_kernel(absmax_ptr, s_r, s_j, flags_ptr, scale_ptr, inv_ptr, R, J,
     # Elementwise max across the loop, one reduction after it (a reduction inside the loop
     # crashed Triton 3.6's TritonGPUOptimizeThreadLocality pass).
     acc = tl.zeros((BLOCK_R, BLOCK_J), dtype=tl.float32)
+    acc_all = tl.zeros((BLOCK_R, BLOCK_J), dtype=tl.float32)  # flagged tiles too (reference.row_scales)
     for j0 in range(0, J, BLOCK_J):
         mask = rmask[:, None] & (j0 + js[None, :] < J)
         v = tl.load(absmax_ptr + rows[:, None] * s_r + (j0 + js)[None, :] * s_j, mask=mask, other=0.0)
         if HAS_FLAGS:
+            acc_all = tl.maximum(acc_all, v)
             f = tl.load(flags_ptr + (rows[:, None] // TILE) * J + (j0 + js)[None, :], mask=mask, other=0)
             v = tl.where(f != 0, 0.0, v)
         acc = tl.maximum(acc, v)
     am = tl.max(acc, axis=1)
+    if HAS_FLAGS:
+        am = tl.where(am > 0, am, tl.max(acc_all, axis=1))
     pos = am > 0
     scale = tl.where(pos, tl.math.div_rn(am, 127.0), 1.0)
     inv = tl.where(pos, tl.math.div_rn(127.0, am), 1.0)

@@ -111,6 +111,21 @@ def test_outlier_error_with_and_without_fallback():
     assert ((x_hat - x)[:, channels].norm() / x[:, channels].norm()).item() < 1e-4
 
 
+def test_small_magnitudes_quantize_like_large_ones():
+    # Scaling by a power of two is exact, so the quantized digits and the GEMM's relative error
+    # must not change. Gradients are ~1e-6: rows whose tiles all fall back (the 100x token here)
+    # once got scale 1 and tile multipliers ~1e-8, and the (c1 - 1) tail lost every digit.
+    x, _, token = glu_like()
+    w = torch.randn(96, x.shape[1], generator=torch.Generator().manual_seed(5))
+    xq, xq_small = R.quantize_act(x, 64, THR, THR, True), R.quantize_act(x * 2.0**-20, 64, THR, THR, True)
+    assert xq.flags[token // 64].all()
+    assert torch.equal(xq.q, xq_small.q) and torch.equal(xq.flags, xq_small.flags)
+    assert torch.equal(R.dequantize(xq_small), R.dequantize(xq) * 2.0**-20)
+    ref = x.double() @ w.double().t()
+    err, err_small = rel(fq_forward(x, w)[0], ref), rel(fq_forward(x * 2.0**-20, w)[0], ref * 2.0**-20)
+    assert err < 0.02 and abs(err_small - err) < 1e-3 * err
+
+
 def test_all_zero_tiles_give_zero_without_nan():
     x = torch.zeros(130, 200)
     x[:64, :64] = torch.randn(64, 64)  # one live tile, the rest zero

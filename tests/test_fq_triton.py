@@ -57,6 +57,16 @@ def test_quantize_matches_reference_bitwise(tile, m, k):
     assert a.flags.any() or not fallback
 
 
+def test_rows_without_plain_tiles_match_reference_at_gradient_scale():
+    # The 100x token's tile row falls back entirely: its scale comes from all of its tiles.
+    x = with_outliers(70, 128, seed=7) * 2.0**-20
+    a = R.quantize_act(x, 32, THR, THR, True, transposed=True)
+    b = T.quantize_act(x, 32, THR, THR, True, transposed=True)
+    assert a.flags[35 // 32].all()
+    assert_same_quant(a, b, 70, 128)
+    assert torch.equal(R.dequantize(a), R.dequantize(R.quantize_act(x * 2.0**20, 32, THR, THR, True)) * 2.0**-20)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_quantize_dtypes_and_columns(dtype):
     x = with_outliers(96, 80, seed=1).to(dtype)
