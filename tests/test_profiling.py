@@ -24,7 +24,8 @@ def test_union_of_overlapping_kernels():
 def test_categories_and_per_step_figures():
     events = [_event("_fq_gemm_kernel", 0, 400), _event("_act_quant_kernel", 400, 500),
               _event("sm90_xmma_gemm_bf16bf16", 600, 1000), _event("ncclDevKernel_AllGather", 500, 900),
-              _event("vectorized_elementwise_kernel", 1000, 1100), _event("aten::mm", 0, 50, CPU, 50.0)]
+              _event("vectorized_elementwise_kernel", 1000, 1100), _event("aten::mm", 0, 50, CPU, 50.0),
+              _event("Optimizer.step#AdamW.step", 0, 5000)]  # an annotation, not a kernel
     s = summarize(events, steps=2, wall_s=2e-3)  # 2 steps in 2 ms of wall time
     assert s["wall_ms_per_step"] == 1.0 and s["launches_per_step"] == 2.5
     assert abs(s["gpu_busy_ms_per_step"] - 0.55) < 1e-9  # union 0..1100 us over 2 steps

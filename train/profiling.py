@@ -63,6 +63,8 @@ def summarize(events, steps: int, wall_s: float) -> dict:
         if e.device_type == torch.autograd.DeviceType.CPU:
             cpu_ops[e.name] = cpu_ops.get(e.name, 0.0) + e.self_cpu_time_total
             continue
+        if "#" in e.name or e.name.startswith(("FSDP::", "ProfilerStep")):
+            continue  # a user annotation shown on the GPU timeline, spanning kernels: not a kernel
         start, end = e.time_range.start, e.time_range.end
         intervals.append((start, end))
         per_cat.setdefault(categorize(e.name), []).append(end - start)
