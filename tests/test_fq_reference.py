@@ -126,6 +126,23 @@ def test_small_magnitudes_quantize_like_large_ones():
     assert err < 0.02 and abs(err_small - err) < 1e-3 * err
 
 
+@pytest.mark.xfail(strict=True, reason="known limitation (docs/fq.md): one row whose plain tiles are "
+                   "near zero sets its fallback tile's multipliers for all 128 rows of the tile")
+def test_fallback_never_worse_than_none_when_row_scales_spread():
+    # Seen in v_proj/k_proj gradients of a trained Llama: a token with ~0 gradient in its plain
+    # tiles but not in a fallback tile. Its z = x / s is ~1e9, so c1 is too, and the other rows'
+    # values in that tile round to zero in both digits.
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(256, 256, generator=g)
+    x[:, 130] *= 1000.0  # a channel outlier: tile column 1 falls back
+    x[7, :128] *= 1e-9  # one token with ~0 in its plain tile
+    w = torch.randn(64, 256, generator=g)
+    ref = x.double() @ w.double().t()
+    y_fb, xq = fq_forward(x, w, tile=128)
+    assert xq.flags[0, 1]
+    assert rel(y_fb, ref) <= rel(fq_forward(x, w, tile=128, fallback=False)[0], ref)
+
+
 def test_all_zero_tiles_give_zero_without_nan():
     x = torch.zeros(130, 200)
     x[:64, :64] = torch.randn(64, 64)  # one live tile, the rest zero

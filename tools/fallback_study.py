@@ -1,0 +1,111 @@
+"""Does fallback pay on a real model? Per Linear layer: tiles flagged and GEMM error vs float64.
+
+Trains a small Llama on the default corpus in fp32 (FQ off, so the captured tensors do not
+depend on FQ), captures every block Linear's input X and output gradient dY on one batch, and
+quantizes them with the reference: forward Y = X W^T and input gradient dX = dY W, with the
+configured fallback and without, against float64 and BF16.
+
+    python tools/fallback_study.py --steps 150             # CPU, about 3 minutes
+    python tools/fallback_study.py --steps 0 --tile 64 --threshold 16
+
+A ratio above 1 in the `fb/none` column means fallback made that GEMM worse (docs/fq.md).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fq import reference as R  # noqa: E402
+from train.config import ModelConfig  # noqa: E402
+from train.data import IndexedDataset, SampleStream  # noqa: E402
+from train.default_data import ensure_default_dataset  # noqa: E402
+from train.model import Transformer  # noqa: E402
+
+
+def rel(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def gemm_error(a: torch.Tensor, b: torch.Tensor, tile: int, thr: float, fallback: bool) -> tuple[float, float]:
+    """(fraction of flagged tiles, relative error) of the FQ product a @ b.T."""
+    q = R.quantize_act(a, tile, thr, thr, fallback)
+    bq, bs = R.quantize_rows(b)
+    y = R.gemm_a_fallback(q, bq, bs, torch.float32)
+    return q.flags.float().mean().item(), rel(y, a.double() @ b.double().t())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--tile", type=int, default=128)
+    ap.add_argument("--threshold", type=float, default=12.0)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    prefix = ensure_default_dataset()
+    stream = SampleStream(IndexedDataset(prefix), args.seq, 0)
+    model = Transformer(ModelConfig(dim=args.dim, n_layers=args.layers, n_heads=args.dim // 64,
+                                    n_kv_heads=max(1, args.dim // 128), vocab_size=IndexedDataset(prefix).vocab_size,
+                                    max_seq_len=args.seq))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95))
+
+    def loss_of(start: int, count: int) -> torch.Tensor:
+        tokens = stream.batch(start, count).long()
+        logits = model(tokens[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1))
+
+    for step in range(args.steps):
+        for g in opt.param_groups:
+            g["lr"] = 3e-3 * min(1.0, (step + 1) / 20)
+        loss = loss_of(step * args.batch, args.batch)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if (step + 1) % 50 == 0:
+            print(f"step {step + 1}: loss {loss.item():.3f}", flush=True)
+
+    caps: dict[str, dict[str, torch.Tensor]] = {}
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and name.startswith("layers."):
+            def fwd(mod, inp, out, name=name):
+                caps.setdefault(name, {})["x"] = inp[0].detach().reshape(-1, inp[0].shape[-1])
+
+            def bwd(mod, gin, gout, name=name):
+                caps.setdefault(name, {})["dy"] = gout[0].detach().reshape(-1, gout[0].shape[-1])
+            hooks += [m.register_forward_hook(fwd), m.register_full_backward_hook(bwd)]
+    loss_of((args.steps + 7) * 2 * args.batch, 2 * args.batch).backward()  # a batch not trained on
+    for h in hooks:
+        h.remove()
+
+    modules = dict(model.named_modules())
+    print(f"\ntile {args.tile}, threshold {args.threshold}, after {args.steps} steps")
+    print(f"{'layer':<28} {'op':<3} {'flagged':>8} {'err fb':>9} {'err none':>9} {'fb/none':>8} {'err bf16':>9}")
+    ratios, flagged = [], {"x": [], "dy": []}
+    for name, d in caps.items():
+        w = modules[name].weight.detach()
+        for op, a, b in (("x", d["x"], w), ("dy", d["dy"], w.t().contiguous())):
+            fr, e_fb = gemm_error(a, b, args.tile, args.threshold, True)
+            _, e_none = gemm_error(a, b, args.tile, args.threshold, False)
+            e_bf16 = rel(a.bfloat16().double() @ b.bfloat16().double().t(), a.double() @ b.double().t())
+            ratios.append(e_fb / e_none)
+            flagged[op].append(fr)
+            print(f"{name:<28} {op:<3} {100 * fr:7.1f}% {e_fb:9.2e} {e_none:9.2e} {e_fb / e_none:8.2f} {e_bf16:9.2e}")
+    print(f"\nflagged tiles: X {100 * sum(flagged['x']) / len(flagged['x']):.1f}%, "
+          f"dY {100 * sum(flagged['dy']) / len(flagged['dy']):.1f}%; error with / without fallback: "
+          f"mean {sum(ratios) / len(ratios):.2f}, max {max(ratios):.2f} over {len(ratios)} GEMMs")
+
+
+if __name__ == "__main__":
+    main()
