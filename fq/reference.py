@@ -144,15 +144,20 @@ def _tile_stats(xt: torch.Tensor, m: int, k: int, tile: int, threshold, base_thr
     return rowmax.transpose(1, 2).reshape(-1, xt.shape[1])[:m], flags, stats
 
 
+# A row's scale is at least absmax(row) / SPREAD, so in its fallback tiles z = a / s[m] stays
+# below 127 * SPREAD. Without the floor, a row whose plain tiles are near zero (a token with
+# almost no gradient outside one tile) has a huge z there, the tile's multipliers follow it, and
+# the tile's other rows round to zero in both digits (docs/fq.md). The price: rows whose
+# outliers exceed SPREAD times their plain values quantize those plain values more coarsely.
+SPREAD = 1024.0
+
+
 def row_scales(rowmax: torch.Tensor, flags: torch.Tensor, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row scale from the plain tiles only (fallback tiles carry their own multipliers). A row
-    whose plain tiles are all zero (or that has none) takes the absmax of all its tiles instead:
-    with scale 1 the fallback multiplier c1 of small values (gradients ~1e-6) would be tiny, and
-    the GEMM's (c1 - 1) tail term would cancel catastrophically in float32."""
+    """Row scale from the plain tiles only (fallback tiles carry their own multipliers), floored
+    at absmax(row) / SPREAD."""
     flag_rows = flags.repeat_interleave(tile, dim=0)[: rowmax.shape[0]]
     plain = torch.where(flag_rows, torch.zeros_like(rowmax), rowmax).amax(dim=1)
-    absmax = torch.where(plain > 0, plain, rowmax.amax(dim=1))
-    return scales_from_absmax(absmax)
+    return scales_from_absmax(torch.maximum(plain, rowmax.amax(dim=1) / SPREAD))
 
 
 def quantize_act(x: torch.Tensor, tile: int, threshold: torch.Tensor | float, base_threshold: float,

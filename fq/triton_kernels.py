@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fq.reference import TileQuant, num_tiles
+from fq.reference import SPREAD, TileQuant, num_tiles
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _NO_FMA = {} if INTERPRET else {"enable_fp_fusion": False}
@@ -72,7 +72,8 @@ def _act_stats_kernel(x_ptr, s_xm, s_xk, M, K, KT, thr_ptr, base_thr, rowmax_ptr
 
 @triton.jit
 def _scales_kernel(absmax_ptr, s_r, s_j, flags_ptr, scale_ptr, inv_ptr, R, J,
-                   HAS_FLAGS: tl.constexpr, TILE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr):
+                   HAS_FLAGS: tl.constexpr, TILE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr,
+                   SPREAD: tl.constexpr):
     """Scale and inverse scale of R rows from J partial absmax values each, skipping fallback
     tiles (flags (R // TILE, J)); same arithmetic as reference.scales_from_absmax."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -91,8 +92,8 @@ def _scales_kernel(absmax_ptr, s_r, s_j, flags_ptr, scale_ptr, inv_ptr, R, J,
             v = tl.where(f != 0, 0.0, v)
         acc = tl.maximum(acc, v)
     am = tl.max(acc, axis=1)
-    if HAS_FLAGS:
-        am = tl.where(am > 0, am, tl.max(acc_all, axis=1))
+    if HAS_FLAGS:  # floored at absmax(row) / SPREAD, as reference.row_scales
+        am = tl.maximum(am, tl.max(acc_all, axis=1) / SPREAD)
     pos = am > 0
     scale = tl.where(pos, tl.math.div_rn(am, 127.0), 1.0)
     inv = tl.where(pos, tl.math.div_rn(127.0, am), 1.0)
@@ -107,7 +108,8 @@ def _scales(absmax, s_r, s_j, r, j, flags=None, tile=1):
     block_r = 32
     _scales_kernel[(triton.cdiv(r, block_r),)](absmax, s_r, s_j, flags if flags is not None else absmax, scale, inv,
                                                r, j, HAS_FLAGS=flags is not None, TILE=tile, BLOCK_R=block_r,
-                                               BLOCK_J=min(triton.next_power_of_2(j), 128), **_NO_FMA)
+                                               BLOCK_J=min(triton.next_power_of_2(j), 128), SPREAD=SPREAD,
+                                               **_NO_FMA)
     return scale, inv
 
 
