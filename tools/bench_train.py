@@ -9,7 +9,13 @@ medians of the logged steps after warm-up, read back from metrics.jsonl.
     python tools/bench_train.py --profile 3 ...                # + where each row's time goes
 
 Rows: bf16 (fq.enabled=false), fq (FQ-INT8 with fallback), rowwise (fq.fallback=none: per-row
-INT8 without fallback, the torchao-style recipe), and `+compile` variants (e.g. fq+compile).
+INT8 without fallback, the torchao-style recipe), with suffixes: `+compile` (torch.compile),
+`+bf16comm` (bf16 all-gather / fp32 reduce-scatter instead of the default INT8 wire),
+`+deepspeed` (DeepSpeed ZeRO-3, ZeRO++ with INT8 comms). Comms matter from --nproc 2 on;
+`--sockets` makes NCCL use its socket transport (NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1), which
+stands in for slow links between nodes:
+
+    python tools/bench_train.py --nproc 2 --sockets --rows fq+bf16comm,fq,fq+deepspeed ...
 """
 from __future__ import annotations
 
@@ -31,6 +37,20 @@ ROWS = {
     "fq": ["--fq.enabled=true"],
     "rowwise": ["--fq.enabled=true", "--fq.fallback=none"],
 }
+# Row suffixes, combinable: "fq+bf16comm", "bf16+deepspeed+compile".
+MODIFIERS = {
+    "compile": ["--train.compile=true"],
+    "bf16comm": ["--parallel.all_gather_dtype=bf16", "--parallel.reduce_scatter_dtype=fp32"],
+    "deepspeed": ["--parallel.engine=deepspeed"],  # ZeRO-3; ZeRO++ with the (default) int8 comm dtypes
+}
+
+
+def row_overrides(name: str) -> list[str]:
+    base, *mods = name.split("+")
+    unknown = [m for m in mods if m not in MODIFIERS] + ([] if base in ROWS else [base])
+    if unknown:
+        sys.exit(f"--rows: unknown {unknown} in '{name}'; rows are {list(ROWS)}, suffixes +{', +'.join(MODIFIERS)}")
+    return [*ROWS[base], *(o for m in mods for o in MODIFIERS[m])]
 
 
 def random_dataset(prefix: str, vocab: int, tokens: int, seed: int = 0) -> None:
@@ -46,14 +66,11 @@ def random_dataset(prefix: str, vocab: int, tokens: int, seed: int = 0) -> None:
 
 
 def run_row(name: str, args, data: str, workdir: str) -> dict:
-    base, _, compile_ = name.partition("+")
     run_dir = os.path.join(workdir, name.replace("+", "_"))
     cli = ["--config", args.config, f"--data.path={data}", f"--train.steps={args.steps}",
            "--logging.interval=1", "--train.val_interval=0", "--checkpoint.interval=0",
            "--logging.tensorboard=false", "--logging.progress_bar=false", f"--logging.dir={run_dir}",
-           f"--model.vocab_size={args.vocab}", *ROWS[base], *args.extra]
-    if compile_:
-        cli.append("--train.compile=true")
+           f"--model.vocab_size={args.vocab}", *row_overrides(name), *args.extra]
     if args.profile:  # the steps right after warm-up; left out of the medians below
         cli += [f"--logging.profile_steps={args.profile}", f"--logging.profile_start={args.warmup + 1}"]
     if args.nproc > 1:
@@ -61,7 +78,8 @@ def run_row(name: str, args, data: str, workdir: str) -> dict:
                f"--nproc_per_node={args.nproc}", "-m", "train", *cli]
     else:
         cmd = [sys.executable, "-m", "train", *cli]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    env = dict(os.environ, NCCL_P2P_DISABLE="1", NCCL_SHM_DISABLE="1") if args.sockets else None
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
         return {"row": name, "error": f"exit {proc.returncode}"}
@@ -93,10 +111,14 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=10, help="logged steps left out of the medians")
     ap.add_argument("--nproc", type=int, default=1)
     ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--baseline", default=None, help="the row ratios are taken against (default: the first row)")
+    ap.add_argument("--sockets", action="store_true", help="NCCL over its socket transport (no NVLink, no shared memory)")
     ap.add_argument("--profile", type=int, default=0,
                     help="profile this many steps after the warm-up and print where the time goes")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args, args.extra = ap.parse_known_args()  # the rest: --section.key=value overrides for every row
+    for name in args.rows.split(","):
+        row_overrides(name)  # unknown rows fail before any run
     with tempfile.TemporaryDirectory() as workdir:
         data = os.path.join(workdir, "random")
         random_dataset(data, args.vocab, tokens=4096 * 2048)
@@ -104,8 +126,9 @@ def main() -> None:
         for name in args.rows.split(","):
             results.append(run_row(name, args, data, workdir))
             print(json.dumps(results[-1]), flush=True)
-    base = next((r for r in results if r["row"] == "bf16" and "error" not in r), None)
-    print("\n| row | tokens/s | vs bf16 | MFU | peak GiB | vs bf16 | last loss | fallback | backend |")
+    ref = args.baseline or results[0]["row"]
+    base = next((r for r in results if r["row"] == ref and "error" not in r), None)
+    print(f"\n| row | tokens/s | vs {ref} | MFU | peak GiB | vs {ref} | last loss | fallback | backend |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:
