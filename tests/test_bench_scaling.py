@@ -1,0 +1,13 @@
+"""tools/bench_scaling.py: per-GPU throughput and efficiency against the same row's one process."""
+from tools.bench_scaling import efficiency_table
+
+
+def test_efficiency_is_per_gpu_over_one_process():
+    results = [{"row": "fq", "nproc": 1, "tokens_per_sec": 1000.0},
+               {"row": "fq", "nproc": 4, "tokens_per_sec": 3600.0},
+               {"row": "fq+bf16comm", "nproc": 4, "tokens_per_sec": 2000.0},
+               {"row": "fq", "nproc": 8, "error": "exit 1"}]
+    lines = efficiency_table(results).splitlines()
+    assert lines[3] == "| fq | 4 | 3,600 | 900 | 90.0% |"
+    assert lines[4] == "| fq+bf16comm | 4 | 2,000 | 500 | - |"  # no one-process run of that row
+    assert lines[5] == "| fq | 8 | exit 1 | | |"
