@@ -8,8 +8,9 @@ fallback, and FQ + INT8 communication; validation loss curves and fallback ratio
     python tools/bench_accuracy.py --plot results/accuracy.json --plot-dir docs/img
 
 Rows: bf16 (fq off), fq (FQ-INT8, fallback on), nofallback (fq.fallback=none: block/row INT8
-only), fq_int8comm (FQ + INT8 all-gather/reduce-scatter, FSDP over 2 processes). The one-GPU
-rows run side by side on `--gpus` GPUs (CUDA_VISIBLE_DEVICES), the 2-process row after them.
+only), fq_budget5 (fallback capped near 5% of tiles per layer and GEMM), fq_int8comm (FQ + INT8
+all-gather/reduce-scatter, FSDP over 2 processes). The one-GPU rows run side by side on `--gpus`
+GPUs (CUDA_VISIBLE_DEVICES), the 2-process row after them.
 Each row is `python -m train` with the shared overrides; its metrics.jsonl is read back.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ ROWS = {
     "bf16": (1, ["--fq.enabled=false"]),
     "fq": (1, ["--fq.enabled=true"]),
     "nofallback": (1, ["--fq.enabled=true", "--fq.fallback=none"]),
+    "fq_budget5": (1, ["--fq.enabled=true", "--fq.fallback=budget", "--fq.budget=0.05"]),
     "fq_int8comm": (2, ["--fq.enabled=true", "--parallel.all_gather_dtype=int8",
                         "--parallel.reduce_scatter_dtype=int8"]),
 }
