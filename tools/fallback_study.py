@@ -53,9 +53,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     prefix = ensure_default_dataset()
-    stream = SampleStream(IndexedDataset(prefix), args.seq, 0)
+    dataset = IndexedDataset(prefix)
+    stream = SampleStream(dataset, args.seq, 0)
     model = Transformer(ModelConfig(dim=args.dim, n_layers=args.layers, n_heads=args.dim // 64,
-                                    n_kv_heads=max(1, args.dim // 128), vocab_size=IndexedDataset(prefix).vocab_size,
+                                    n_kv_heads=max(1, args.dim // 128), vocab_size=dataset.vocab_size,
                                     max_seq_len=args.seq))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95))
 

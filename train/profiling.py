@@ -108,7 +108,6 @@ class StepProfiler:
         self.rank, self.device = rank, device
         self.prof = None
         self.t0 = 0.0
-        self.summary = None
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -135,9 +134,9 @@ class StepProfiler:
         trace = os.path.join(self.dir, f"trace_rank{self.rank}.json.gz")
         self.prof.export_chrome_trace(trace)
         if self.rank == 0:
-            self.summary = summarize(self.prof.events(), self.last - self.first + 1, wall)
+            summary = summarize(self.prof.events(), self.last - self.first + 1, wall)
             with open(os.path.join(self.dir, "summary.json"), "w", encoding="utf-8") as f:
-                json.dump(self.summary, f, indent=1)
-            log.info(format_summary(self.summary))
+                json.dump(summary, f, indent=1)
+            log.info(format_summary(summary))
             log.info(f"profile: trace in {trace}")
         self.prof = None
