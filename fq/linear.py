@@ -6,8 +6,10 @@
 
 Forward  Y  = X W^T      X per-row INT8 with fallback tiles, W per-row INT8
 Backward dX = dY W       dY per-row INT8 with fallback tiles, W per-column INT8
-         dW = dY^T X     dY per-column INT8 with X's row scales folded in, X the INT8 saved in forward
-X is saved only as its INT8 digits and scales (never in 16 bit) unless grad_weight is off.
+         dW = dY^T X     dY per-column INT8 with X's row scales folded in, X per-row INT8 at its
+                         absmax scale (no fallback: docs/fq.md, "Weight gradient"), written
+                         transposed by the forward quantization
+X is saved only as those INT8 digits and scales (never in 16 bit) unless grad_weight is off.
 """
 from __future__ import annotations
 
@@ -80,15 +82,15 @@ class _FQMatmul(torch.autograd.Function):
             layer._record(FORWARD, xq, x.shape)
             wq, ws = ops.quantize_rows(weight)
             y = ops.gemm_a_fallback(xq, wq, ws, out_dtype)
-        ctx.layer, ctx.ops, ctx.out_dtype, ctx.x_dtype, ctx.tile = layer, ops, out_dtype, x.dtype, cfg.tile
+        ctx.layer, ctx.ops, ctx.out_dtype, ctx.x_dtype = layer, ops, out_dtype, x.dtype
         saved_x = x if not cfg.grad_weight else None
         # Backward needs X only as the K-major (transposed) INT8 digits of the weight gradient.
-        ctx.save_for_backward(weight, xq.qt, xq.q2t, xq.scale, xq.flags, xq.c1, xq.c2, saved_x)
+        ctx.save_for_backward(weight, xq.qt, xq.scale_t, saved_x)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        weight, qt, q2t, scale, flags, c1, c2, x = ctx.saved_tensors
+        weight, qt, scale_t, x = ctx.saved_tensors
         layer, ops = ctx.layer, ctx.ops
         cfg = layer.fq_config
         cd = ctx.out_dtype
@@ -105,9 +107,8 @@ class _FQMatmul(torch.autograd.Function):
                     dx = (dy.to(cd) @ weight.to(cd)).to(ctx.x_dtype)
             if ctx.needs_input_grad[1]:
                 if cfg.grad_weight:
-                    xq = TileQuant(None, None, scale, flags, c1, c2, None, ctx.tile, qt, q2t)
-                    dyq_t, dys = ops.quantize_cols_t(dy, row_mult=scale, seed=layer._next_seed())
-                    dw = ops.gemm_b_fallback(dyq_t, dys, xq, weight.dtype)
+                    dyq_t, dys = ops.quantize_cols_t(dy, row_mult=scale_t, seed=layer._next_seed())
+                    dw = ops.gemm_wgrad(dyq_t, dys, qt, weight.dtype)
                 else:
                     dw = (dy.to(cd).t() @ x.to(cd)).to(weight.dtype)
         return dx, dw, None, None

@@ -6,6 +6,9 @@ K-independent per-row scale s[m] computed without the fallback tiles, so the GEM
 row x column scales once, in the epilogue. A fallback tile is stored relative to that same row
 scale, z = a / s[m], as two INT8 digits with their own tile multipliers: z ~ c1*q + c2*q2
 (~15 bits). Weights are quantized per output row (forward) or per column (input gradient).
+The weight-gradient GEMM contracts over X's rows, so its X is plain row-wise INT8 (the row's
+absmax scale, no fallback): folding the smaller fallback-row scales into dY instead loses the
+products of exactly the rows fallback was meant to protect (docs/fq.md, "Weight gradient").
 
 Every function here is vectorized torch (no loops over tiles); integer GEMMs run in float32
 when K * 127**2 < 2**24 and in float64 otherwise, both exact. A few `bool(...)` checks skip
@@ -34,8 +37,8 @@ class TileQuant:
     c2: torch.Tensor  # (Mt, Kt) fp32 tile multiplier of q2 (0 in plain tiles)
     stats: torch.Tensor  # (4,) int64: fallback tiles, crushed tiles, saturated values, non-finite values
     tile: int
-    qt: torch.Tensor | None = None  # (K, M) int8: q transposed, kept for the weight-gradient GEMM
-    q2t: torch.Tensor | None = None  # (K, M) int8: q2 transposed
+    qt: torch.Tensor | None = None  # (K, M) int8: round(a / scale_t[m]) transposed, for the weight gradient
+    scale_t: torch.Tensor | None = None  # (M,) fp32 absmax(row) / 127 (no fallback); NaN on NaN/Inf rows
 
 
 def num_tiles(n: int, tile: int) -> int:
@@ -163,7 +166,7 @@ def row_scales(rowmax: torch.Tensor, flags: torch.Tensor, tile: int) -> tuple[to
 def quantize_act(x: torch.Tensor, tile: int, threshold: torch.Tensor | float, base_threshold: float,
                  fallback: bool, seed: int | None = None, transposed: bool = False) -> TileQuant:
     """Quantize an activation operand (M, K) along its rows, with fallback tiles; `transposed`
-    also returns the (K, M) copies the weight-gradient GEMM reads."""
+    also returns the plain row-wise (K, M) digits the weight-gradient GEMM reads."""
     m, k = x.shape
     xt = _tiles(x, tile)
     rowmax, flags, stats = _tile_stats(xt, m, k, tile, threshold, base_threshold, fallback)
@@ -177,7 +180,8 @@ def quantize_act(x: torch.Tensor, tile: int, threshold: torch.Tensor | float, ba
         q, stats[STAT_SATURATED] = _to_int8(_round(z, seed))
         zeros = torch.zeros_like(flags, dtype=torch.float32)
         return _with_transposed(TileQuant(_untile(q, m, k).contiguous(), torch.zeros(m, k, dtype=torch.int8,
-                                device=x.device), scale, flags, zeros, zeros.clone(), stats, tile), transposed)
+                                device=x.device), scale, flags, zeros, zeros.clone(), stats, tile), x, rowmax,
+                                seed, transposed)
     f = _per_tile(flags)
     az = _tile_amax(z.abs())
     c1 = torch.where(flags, _div(az, QMAX), torch.zeros_like(az))
@@ -191,12 +195,16 @@ def quantize_act(x: torch.Tensor, tile: int, threshold: torch.Tensor | float, ba
     q2, sat2 = _to_int8(r2)
     stats[STAT_SATURATED] = sat + sat2
     return _with_transposed(TileQuant(_untile(q, m, k).contiguous(), _untile(q2, m, k).contiguous(), scale, flags,
-                                      c1, c2, stats, tile), transposed)
+                                      c1, c2, stats, tile), x, rowmax, seed, transposed)
 
 
-def _with_transposed(a: TileQuant, transposed: bool) -> TileQuant:
+def _with_transposed(a: TileQuant, x: torch.Tensor, rowmax: torch.Tensor, seed: int | None,
+                     transposed: bool) -> TileQuant:
+    """Add the weight gradient's operand: x per row at its absmax scale, transposed (K, M)."""
     if transposed:
-        a.qt, a.q2t = a.q.t().contiguous(), a.q2.t().contiguous()
+        a.scale_t, inv = scales_from_absmax(rowmax.amax(dim=1))
+        z = _finite_only(x.float() * inv[:, None])
+        a.qt = _to_int8(_round(z, seed))[0].t().contiguous()  # |z| <= 127: nothing saturates
     return a
 
 
@@ -269,17 +277,12 @@ def gemm_a_fallback(a: TileQuant, b_q: torch.Tensor, b_scale: torch.Tensor, out_
     return (acc * a.scale.to(acc.dtype)[:, None] * b_scale.to(acc.dtype)[None, :]).to(out_dtype)
 
 
-def gemm_b_fallback(a_q: torch.Tensor, a_scale: torch.Tensor, b: TileQuant, out_dtype: torch.dtype) -> torch.Tensor:
-    """C (N, K) = A B with fallback tiles on B (M, K); A given as int8 (N, M) + scale (N,).
+def gemm_wgrad(a_q: torch.Tensor, a_scale: torch.Tensor, b_qt: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """C (N, K) = A B, A int8 (N, M) + scale (N,), B given as its transposed int8 digits (K, M).
 
-    Weight gradient dW = dY^T X, with X's row scales already folded into A; B is read from its
-    transposed digits b.qt / b.q2t as the Triton kernel does."""
-    q, q2 = b.qt.t(), b.q2t.t()
-    acc = _exact_matmul(a_q, q)
-    t = tail_matrix(b, q, q2)
-    if t is not None:
-        acc = acc.double() + a_q.double() @ t
-    return (acc * a_scale.to(acc.dtype)[:, None]).to(out_dtype)
+    Weight gradient dW = dY^T X: A is dY per column with X's row scales `scale_t` folded in,
+    B is `TileQuant.qt`, so every scale sits outside the contraction over M."""
+    return (_exact_matmul(a_q, b_qt.t()) * a_scale.float()[:, None]).to(out_dtype)
 
 
 def dequantize(a: TileQuant) -> torch.Tensor:

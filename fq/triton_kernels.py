@@ -6,8 +6,8 @@
 - `_col_absmax_kernel` + `_col_quant_t_kernel`: per-column INT8 written transposed (weights for
   the input gradient, the output gradient for the weight gradient).
 - `_fq_gemm_kernel`: INT8 tl.dot into one INT32 accumulator, row x column scales in the epilogue;
-  after the pipelined loop, the fallback tiles of the block's tile row (or column) are visited
-  from a per-row list and added in float32.
+  after the pipelined loop, the fallback tiles of the block's tile row are visited from a per-row
+  list and added in float32. The weight-gradient GEMM runs it without fallback (plain row-wise X).
 
 Each wrapper mirrors the reference function of the same name. Rounding: ties to even through the
 1.5 * 2**23 trick (exact IEEE float32 adds); divisions are div_rn; FMA contraction is off in the
@@ -71,11 +71,12 @@ def _act_stats_kernel(x_ptr, s_xm, s_xk, M, K, KT, thr_ptr, base_thr, rowmax_ptr
 
 
 @triton.jit
-def _scales_kernel(absmax_ptr, s_r, s_j, flags_ptr, scale_ptr, inv_ptr, R, J,
-                   HAS_FLAGS: tl.constexpr, TILE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr,
-                   SPREAD: tl.constexpr):
+def _scales_kernel(absmax_ptr, s_r, s_j, flags_ptr, scale_ptr, inv_ptr, scale_all_ptr, inv_all_ptr, R, J,
+                   HAS_FLAGS: tl.constexpr, WRITE_ALL: tl.constexpr, TILE: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_J: tl.constexpr, SPREAD: tl.constexpr):
     """Scale and inverse scale of R rows from J partial absmax values each, skipping fallback
-    tiles (flags (R // TILE, J)); same arithmetic as reference.scales_from_absmax."""
+    tiles (flags (R // TILE, J)); same arithmetic as reference.scales_from_absmax. WRITE_ALL also
+    writes the scales of the whole row (fallback tiles included: the weight gradient's X)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     js = tl.arange(0, BLOCK_J)
     rmask = rows < R
@@ -93,7 +94,15 @@ def _scales_kernel(absmax_ptr, s_r, s_j, flags_ptr, scale_ptr, inv_ptr, R, J,
         acc = tl.maximum(acc, v)
     am = tl.max(acc, axis=1)
     if HAS_FLAGS:  # floored at absmax(row) / SPREAD, as reference.row_scales
-        am = tl.maximum(am, tl.max(acc_all, axis=1) / SPREAD)
+        am_all = tl.max(acc_all, axis=1)
+        am = tl.maximum(am, am_all / SPREAD)
+        if WRITE_ALL:
+            _store_scales(am_all, scale_all_ptr, inv_all_ptr, rows, rmask)
+    _store_scales(am, scale_ptr, inv_ptr, rows, rmask)
+
+
+@triton.jit
+def _store_scales(am, scale_ptr, inv_ptr, rows, rmask):
     pos = am > 0
     scale = tl.where(pos, tl.math.div_rn(am, 127.0), 1.0)
     inv = tl.where(pos, tl.math.div_rn(127.0, am), 1.0)
@@ -102,19 +111,20 @@ def _scales_kernel(absmax_ptr, s_r, s_j, flags_ptr, scale_ptr, inv_ptr, R, J,
     tl.store(inv_ptr + rows, inv, mask=rmask)
 
 
-def _scales(absmax, s_r, s_j, r, j, flags=None, tile=1):
-    scale = torch.empty(r, dtype=torch.float32, device=absmax.device)
-    inv = torch.empty_like(scale)
+def _scales(absmax, s_r, s_j, r, j, flags=None, tile=1, write_all=False):
+    """(scale, inv), plus (scale_all, inv_all) of the whole rows when write_all."""
+    out = torch.empty(4 if write_all else 2, r, dtype=torch.float32, device=absmax.device)
     block_r = 32
-    _scales_kernel[(triton.cdiv(r, block_r),)](absmax, s_r, s_j, flags if flags is not None else absmax, scale, inv,
-                                               r, j, HAS_FLAGS=flags is not None, TILE=tile, BLOCK_R=block_r,
+    _scales_kernel[(triton.cdiv(r, block_r),)](absmax, s_r, s_j, flags if flags is not None else absmax, out[0],
+                                               out[1], out[-2], out[-1], r, j, HAS_FLAGS=flags is not None,
+                                               WRITE_ALL=write_all, TILE=tile, BLOCK_R=block_r,
                                                BLOCK_J=min(triton.next_power_of_2(j), 128), SPREAD=SPREAD,
                                                **_NO_FMA)
-    return scale, inv
+    return tuple(out)
 
 
 @triton.jit
-def _act_quant_kernel(x_ptr, s_xm, s_xk, M, K, KT, inv_ptr, flags_ptr, q_ptr, q2_ptr, qt_ptr, q2t_ptr, c1_ptr, c2_ptr,
+def _act_quant_kernel(x_ptr, s_xm, s_xk, M, K, KT, inv_ptr, flags_ptr, q_ptr, q2_ptr, qt_ptr, inv_t_ptr, c1_ptr, c2_ptr,
                       stats_ptr, seed, TILE: tl.constexpr, STOCHASTIC: tl.constexpr, TRANSPOSED: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -140,8 +150,11 @@ def _act_quant_kernel(x_ptr, s_xm, s_xk, M, K, KT, inv_ptr, flags_ptr, q_ptr, q2
         tl.atomic_add(stats_ptr + 2, tl.sum(tl.sum((tl.abs(q) > 127.0).to(tl.int32), axis=1), axis=0))
     q = tl.minimum(tl.maximum(q, -127.0), 127.0)
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], q.to(tl.int8), mask=mask)
-    if TRANSPOSED:  # (K, M) copy: the K-major B operand of the weight-gradient GEMM
-        tl.store(qt_ptr + cols[None, :] * M + rows[:, None], q.to(tl.int8), mask=mask)
+    if TRANSPOSED:  # (K, M) plain row-wise digits at the whole row's scale: the weight gradient's B
+        zt = x * tl.load(inv_t_ptr + rows, mask=rows < M, other=1.0)[:, None]
+        zt = tl.where((zt == zt) & (tl.abs(zt) < float("inf")), zt, 0.0)
+        qt = tl.minimum(tl.maximum(_round(zt, seed, offs, STOCHASTIC), -127.0), 127.0)
+        tl.store(qt_ptr + cols[None, :] * M + rows[:, None], qt.to(tl.int8), mask=mask)
     if flag:
         resid = z - q * c1
         ar = tl.max(tl.max(tl.abs(resid), axis=1), axis=0)
@@ -152,8 +165,6 @@ def _act_quant_kernel(x_ptr, s_xm, s_xk, M, K, KT, inv_ptr, flags_ptr, q_ptr, q2
             tl.atomic_add(stats_ptr + 2, tl.sum(tl.sum((tl.abs(r2) > 127.0).to(tl.int32), axis=1), axis=0))
         q2 = tl.minimum(tl.maximum(r2, -127.0), 127.0)
         tl.store(q2_ptr + rows[:, None] * K + cols[None, :], q2.to(tl.int8), mask=mask)
-        if TRANSPOSED:
-            tl.store(q2t_ptr + cols[None, :] * M + rows[:, None], q2.to(tl.int8), mask=mask)
     tl.store(c1_ptr + pid_m * KT + pid_k, c1)
     tl.store(c2_ptr + pid_m * KT + pid_k, c2)
 
@@ -198,11 +209,11 @@ def _fq_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, r_ptr, count_ptr, order
                     M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn, s_r0, s_r1, s_o0, s_o1, s_f0, s_f1,
                     TILE: tl.constexpr, FB: tl.constexpr, HAS_SB: tl.constexpr, RAW: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """C = (A B) * sa[:, None] * sb[None, :] with INT8 A (M, K), B (K, N), plus the fallback tiles
-    of A (FB=1: the block's rows lie in one tile row) or of B (FB=2: its columns in one tile column).
+    """C = (A B) * sa[:, None] * sb[None, :] with INT8 A (M, K), B (K, N), plus (FB=1) the
+    fallback tiles of A; the block's rows lie in one tile row.
 
-    The fallback tiles of that tile row/column come as a list (count, order: flagged K tiles
-    first), so the tail visits only them, after the pipelined INT8 loop, with scalar multipliers."""
+    The fallback tiles of that tile row come as a list (count, order: flagged K tiles first), so
+    the tail visits only them, after the pipelined INT8 loop, with scalar multipliers."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -230,13 +241,10 @@ def _fq_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, r_ptr, count_ptr, order
     else:
         out = acc.to(tl.float32)
         if FB != 0:
-            own = (pid_m * BLOCK_M) // TILE if FB == 1 else (pid_n * BLOCK_N) // TILE
+            own = (pid_m * BLOCK_M) // TILE
             for i in range(0, tl.load(count_ptr + own)):
                 kt = tl.load(order_ptr + own * s_o0 + i * s_o1)
-                if FB == 1:
-                    fi = own * s_f0 + kt * s_f1
-                else:
-                    fi = kt * s_f0 + own * s_f1
+                fi = own * s_f0 + kt * s_f1
                 m1 = tl.load(c1_ptr + fi) - 1.0
                 m2 = tl.load(c2_ptr + fi)
                 for k0 in range(kt * TILE, tl.minimum(kt * TILE + TILE, K), BLOCK_K):
@@ -246,12 +254,8 @@ def _fq_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, r_ptr, count_ptr, order
                     b = tl.load(b_ptr + (k0 + rk)[:, None] * s_bk + rn[None, :] * s_bn, mask=bmask, other=0)
                     # (c1 - 1) * q.b: q already entered the bulk with weight 1; then c2 * residual.
                     out += m1 * tl.dot(a, b, out_dtype=tl.int32).to(tl.float32)
-                    if FB == 1:
-                        r = tl.load(r_ptr + rm[:, None] * s_r0 + (k0 + rk)[None, :] * s_r1, mask=amask, other=0)
-                        out += m2 * tl.dot(r, b, out_dtype=tl.int32).to(tl.float32)
-                    else:
-                        r = tl.load(r_ptr + (k0 + rk)[:, None] * s_r0 + rn[None, :] * s_r1, mask=bmask, other=0)
-                        out += m2 * tl.dot(a, r, out_dtype=tl.int32).to(tl.float32)
+                    r = tl.load(r_ptr + rm[:, None] * s_r0 + (k0 + rk)[None, :] * s_r1, mask=amask, other=0)
+                    out += m2 * tl.dot(r, b, out_dtype=tl.int32).to(tl.float32)
         out = out * tl.load(sa_ptr + rm, mask=rm < M, other=0.0)[:, None]
         if HAS_SB:
             out = out * tl.load(sb_ptr + rn, mask=rn < N, other=0.0)[None, :]
@@ -259,14 +263,13 @@ def _fq_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, r_ptr, count_ptr, order
 
 
 def _gemm_configs(tile: int, fb: int) -> list:
-    """H100 candidates. With fallback, a block must sit inside one tile row (A side) or column
-    (B side); 128x128 blocks with 8 warps keep the tail's float32 output and INT32 product in
+    """H100 candidates. With fallback, a block must sit inside one tile row; 128x128 blocks with 8 warps keep the tail's float32 output and INT32 product in
     registers (the 128x256 ones spilled 60-200 registers there)."""
     shapes = [(128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 3, 8), (128, 128, 64, 4, 8),
               (64, 256, 128, 3, 8), (256, 64, 128, 3, 8), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
               (32, 128, 32, 4, 4), (128, 32, 32, 4, 4)]
     ok = [(bm, bn, bk, s, w) for bm, bn, bk, s, w in shapes
-          if tile % bk == 0 and (fb != 1 or tile % bm == 0) and (fb != 2 or tile % bn == 0)]
+          if tile % bk == 0 and (fb != 1 or tile % bm == 0)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
             for bm, bn, bk, s, w in ok[:5]]
 
@@ -287,13 +290,12 @@ def _gemm_launcher(tile: int, fb: int):
     return _TUNED[tile, fb], {}
 
 
-def _fallback_lists(flags: torch.Tensor, fb: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per tile row (fb=1) or column (fb=2): how many fallback tiles, and their K-tile indices
-    first (a stable sort of the flags, on the device, no sync)."""
-    dim = 1 if fb == 1 else 0
-    f = flags.to(torch.int8)
-    count = f.sum(dim=dim, dtype=torch.int32)
-    order = torch.sort(f, dim=dim, descending=True, stable=True).indices.to(torch.int32)
+def _fallback_lists(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per tile row: how many fallback tiles, and their K-tile indices first (a stable sort of
+    the flags, on the device, no sync)."""
+    f = flags.view(torch.int8)
+    count = f.sum(dim=1, dtype=torch.int32)
+    order = torch.sort(f, dim=1, descending=True, stable=True).indices.to(torch.int32)
     return count, order
 
 
@@ -304,9 +306,9 @@ def _gemm(a, a_strides, b, b_strides, m, n, k, sa, sb, fb, fallback: TileQuant |
     c = torch.empty(m, n, dtype=out_dtype, device=a.device)
     kernel, meta = (_fq_gemm_kernel, config) if config else _gemm_launcher(tile, fb)
     if fallback is not None:
-        residual = fallback.q2 if fb == 1 else fallback.q2t
-        count, order = _fallback_lists(fallback.flags, fb)
-        o_strides = (order.stride(0), order.stride(1)) if fb == 1 else (order.stride(1), order.stride(0))
+        residual = fallback.q2
+        count, order = _fallback_lists(fallback.flags)
+        o_strides = (order.stride(0), order.stride(1))
         f_strides = (fallback.c1.stride(0), fallback.c1.stride(1))
         c1, c2 = fallback.c1, fallback.c2
     else:
@@ -328,12 +330,12 @@ def gemm_a_fallback(a: TileQuant, b_q: torch.Tensor, b_scale: torch.Tensor, out_
                  a.scale, b_scale, 1, a, (a.q2.stride(0), a.q2.stride(1)), out_dtype, a.tile)
 
 
-def gemm_b_fallback(a_q: torch.Tensor, a_scale: torch.Tensor, b: TileQuant, out_dtype: torch.dtype) -> torch.Tensor:
-    """B is read from b.qt / b.q2t (K, M): INT8 tensor cores want both operands K-major."""
+def gemm_wgrad(a_q: torch.Tensor, a_scale: torch.Tensor, b_qt: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """B is read from its transposed digits (K, M): INT8 tensor cores want both operands K-major."""
     n, m = a_q.shape
-    k = b.qt.shape[0]
-    return _gemm(a_q, (a_q.stride(0), a_q.stride(1)), b.qt, (b.qt.stride(1), b.qt.stride(0)), n, k, m,
-                 a_scale, None, 2, b, (b.q2t.stride(1), b.q2t.stride(0)), out_dtype, b.tile)
+    k = b_qt.shape[0]
+    return _gemm(a_q, (a_q.stride(0), a_q.stride(1)), b_qt, (b_qt.stride(1), b_qt.stride(0)), n, k, m,
+                 a_scale, None, 0, None, (0, 0), out_dtype, 128)
 
 
 def gemm_rowwise(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
@@ -374,18 +376,18 @@ def quantize_act(x: torch.Tensor, tile: int, threshold: torch.Tensor | float, ba
     m, k = x.shape
     rowmax, flags, stats = tile_stats(x, tile, threshold, base_threshold, fallback)
     mt, kt = flags.shape
-    scale, inv = _scales(rowmax, kt, 1, m, kt, flags.view(torch.int8), tile)
+    scale, inv, *all_rows = _scales(rowmax, kt, 1, m, kt, flags.view(torch.int8), tile, write_all=transposed)
     q = torch.empty(m, k, dtype=torch.int8, device=x.device)
     q2 = torch.empty(m, k, dtype=torch.int8, device=x.device)
     c1 = torch.empty(mt, kt, dtype=torch.float32, device=x.device)
     c2 = torch.empty(mt, kt, dtype=torch.float32, device=x.device)
     qt = torch.empty(k, m, dtype=torch.int8, device=x.device) if transposed else None
-    q2t = torch.empty(k, m, dtype=torch.int8, device=x.device) if transposed else None
+    scale_t, inv_t = all_rows if transposed else (None, inv)
     _act_quant_kernel[(mt, kt)](x, x.stride(0), x.stride(1), m, k, kt, inv, flags, q, q2,
-                                qt if transposed else q, q2t if transposed else q2, c1, c2, stats,
+                                qt if transposed else q, inv_t, c1, c2, stats,
                                 seed or 0, TILE=tile, STOCHASTIC=seed is not None, TRANSPOSED=transposed,
                                 num_warps=8 if tile == 128 else 4, **_NO_FMA)
-    return TileQuant(q, q2, scale, flags, c1, c2, stats.long(), tile, qt, q2t)
+    return TileQuant(q, q2, scale, flags, c1, c2, stats.long(), tile, qt, scale_t)
 
 
 def quantize_cols_t(x: torch.Tensor, row_mult: torch.Tensor | None = None,

@@ -119,7 +119,7 @@ def bench_shape(m, k, n, tile, bench, device):
     # Where the backward time goes.
     dyq = T.quantize_act(gy, tile, THR, THR, True)
     wq_t, ws_t = T.quantize_cols_t(w)
-    dq_t, ds = T.quantize_cols_t(gy, row_mult=xq.scale)
+    dq_t, ds = T.quantize_cols_t(gy, row_mult=xq.scale_t)
     res["parts_ms"] = {
         "quant_x": t_q,
         "quant_w_rows": bench(lambda: T.quantize_rows(w)),
@@ -127,8 +127,8 @@ def bench_shape(m, k, n, tile, bench, device):
         "quant_dy_rows": bench(lambda: T.quantize_act(gy, tile, THR, THR, True)),
         "quant_w_cols": bench(lambda: T.quantize_cols_t(w)),
         "gemm_dx": bench(lambda: T.gemm_a_fallback(dyq, wq_t, ws_t, torch.bfloat16)),
-        "quant_dy_cols": bench(lambda: T.quantize_cols_t(gy, row_mult=xq.scale)),
-        "gemm_dw": bench(lambda: T.gemm_b_fallback(dq_t, ds, xq, torch.bfloat16)),
+        "quant_dy_cols": bench(lambda: T.quantize_cols_t(gy, row_mult=xq.scale_t)),
+        "gemm_dw": bench(lambda: T.gemm_wgrad(dq_t, ds, xq.qt, torch.bfloat16)),
         "bf16_dx": bench(lambda: gy @ w),
         "bf16_dw": bench(lambda: gy.t() @ x),
     }
@@ -142,7 +142,7 @@ def gemm_configs_diag(m, k, n, tile, bench, device):
     gy = torch.randn(m, n, device=device, dtype=torch.bfloat16)
     xq = T.quantize_act(x, tile, THR, THR, True, transposed=True)
     wq, ws = T.quantize_rows(w)
-    dq_t, ds = T.quantize_cols_t(gy, row_mult=xq.scale)
+    dq_t, ds = T.quantize_cols_t(gy, row_mult=xq.scale_t)
     t_bf16 = bench(lambda: x @ w.t())
     out = []
     modes = {
@@ -150,8 +150,8 @@ def gemm_configs_diag(m, k, n, tile, bench, device):
                                             torch.bfloat16, tile, meta)),
         "fwd_5%": (1, lambda meta: T._gemm(xq.q, (k, 1), wq, (1, k), m, n, k, xq.scale, ws, 1, xq, (k, 1),
                                            torch.bfloat16, tile, meta)),
-        "dw_5%": (2, lambda meta: T._gemm(dq_t, (m, 1), xq.qt, (1, m), n, k, m, ds, None, 2, xq, (1, m),
-                                          torch.bfloat16, tile, meta)),
+        "dw": (0, lambda meta: T._gemm(dq_t, (m, 1), xq.qt, (1, m), n, k, m, ds, None, 0, None, (0, 0),
+                                       torch.bfloat16, tile, meta)),
     }
     for name, (fb, run) in modes.items():
         for cfg in T._gemm_configs(tile, fb):

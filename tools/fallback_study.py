@@ -2,8 +2,8 @@
 
 Trains a small Llama on the default corpus in fp32 (FQ off, so the captured tensors do not
 depend on FQ), captures every block Linear's input X and output gradient dY on one batch, and
-quantizes them with the reference: forward Y = X W^T and input gradient dX = dY W, with the
-configured fallback and without, against float64 and BF16.
+quantizes them with the reference: forward Y = X W^T, input gradient dX = dY W and weight
+gradient dW = dY^T X, with the configured fallback and without, against float64 and BF16.
 
     python tools/fallback_study.py --steps 150             # CPU, about 3 minutes
     python tools/fallback_study.py --steps 0 --tile 64 --threshold 16
@@ -39,6 +39,15 @@ def gemm_error(a: torch.Tensor, b: torch.Tensor, tile: int, thr: float, fallback
     bq, bs = R.quantize_rows(b)
     y = R.gemm_a_fallback(q, bq, bs, torch.float32)
     return q.flags.float().mean().item(), rel(y, a.double() @ b.double().t())
+
+
+def dw_error(dy: torch.Tensor, x: torch.Tensor, tile: int, thr: float, fallback: bool) -> tuple[float, float]:
+    """(fraction of flagged X tiles, relative error) of the FQ weight gradient dy.T @ x, computed
+    as FQLinear's backward does: X's forward quantization, dY per column with X's row scales."""
+    q = R.quantize_act(x, tile, thr, thr, fallback, transposed=True)
+    dq, ds = R.quantize_cols_t(dy, row_mult=q.scale_t)
+    y = R.gemm_wgrad(dq, ds, q.qt, torch.float32)
+    return q.flags.float().mean().item(), rel(y, dy.double().t() @ x.double())
 
 
 def main() -> None:
@@ -93,19 +102,24 @@ def main() -> None:
     modules = dict(model.named_modules())
     print(f"\ntile {args.tile}, threshold {args.threshold}, after {args.steps} steps")
     print(f"{'layer':<28} {'op':<3} {'flagged':>8} {'err fb':>9} {'err none':>9} {'fb/none':>8} {'err bf16':>9}")
-    ratios, flagged = [], {"x": [], "dy": []}
+    ratios, flagged = {"x": [], "dy": [], "dw": []}, {"x": [], "dy": [], "dw": []}
     for name, d in caps.items():
         w = modules[name].weight.detach()
-        for op, a, b in (("x", d["x"], w), ("dy", d["dy"], w.t().contiguous())):
-            fr, e_fb = gemm_error(a, b, args.tile, args.threshold, True)
-            _, e_none = gemm_error(a, b, args.tile, args.threshold, False)
-            e_bf16 = rel(a.bfloat16().double() @ b.bfloat16().double().t(), a.double() @ b.double().t())
-            ratios.append(e_fb / e_none)
+        for op, a, b in (("x", d["x"], w), ("dy", d["dy"], w.t().contiguous()), ("dw", d["dy"], d["x"])):
+            error = dw_error if op == "dw" else gemm_error
+            fr, e_fb = error(a, b, args.tile, args.threshold, True)
+            _, e_none = error(a, b, args.tile, args.threshold, False)
+            ref = a.double() @ b.double().t() if op != "dw" else a.double().t() @ b.double()
+            e_bf16 = rel(a.bfloat16().double() @ b.bfloat16().double().t() if op != "dw"
+                         else a.bfloat16().double().t() @ b.bfloat16().double(), ref)
+            ratios[op].append(e_fb / e_none)
             flagged[op].append(fr)
             print(f"{name:<28} {op:<3} {100 * fr:7.1f}% {e_fb:9.2e} {e_none:9.2e} {e_fb / e_none:8.2f} {e_bf16:9.2e}")
     print(f"\nflagged tiles: X {100 * sum(flagged['x']) / len(flagged['x']):.1f}%, "
-          f"dY {100 * sum(flagged['dy']) / len(flagged['dy']):.1f}%; error with / without fallback: "
-          f"mean {sum(ratios) / len(ratios):.2f}, max {max(ratios):.2f} over {len(ratios)} GEMMs")
+          f"dY {100 * sum(flagged['dy']) / len(flagged['dy']):.1f}%")
+    for op, r in ratios.items():
+        print(f"error with / without fallback, {op:<2} GEMMs: mean {sum(r) / len(r):.2f}, max {max(r):.2f} "
+              f"over {len(r)}")
 
 
 if __name__ == "__main__":
