@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 
 import torch
@@ -97,6 +98,18 @@ def deepspeed_config(cfg: C.Config, world_size: int, compute_dtype: torch.dtype)
     return out
 
 
+def jit_arch_list(value: str) -> str:
+    """TORCH_CUDA_ARCH_LIST in the form DeepSpeed's JIT op builder parses: it reads each entry's
+    major.minor as integers, so architecture suffixes go ('9.0a' -> '9.0'; '+PTX' stays)."""
+    entries = []
+    for cc in re.split(r"[;, ]+", value.strip()):
+        m = re.fullmatch(r"(\d+)\.(\d+)[a-z]*(\+PTX)?", cc)
+        entry = f"{m.group(1)}.{m.group(2)}{m.group(3) or ''}" if m else cc
+        if entry and entry not in entries:
+            entries.append(entry)
+    return ";".join(entries)
+
+
 def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, cfg: C.Config,
                world_size: int, compute_dtype: torch.dtype):
     """Wrap model, optimizer (the project's AdamW groups) and LR schedule in a DeepSpeed engine;
@@ -104,6 +117,12 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
     deepspeed = require_deepspeed()
     # DeepSpeed asserts LOCAL_RANK is set; a plain `python -m train` (world of one) has none.
     os.environ.setdefault("LOCAL_RANK", "0")
+    # ZeRO++ JIT-builds its quantizer op; images that set TORCH_CUDA_ARCH_LIST=9.0a (the torch
+    # 2.11 CUDA image does) make that build fail with "invalid literal for int(): '0a'".
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+    if arch and jit_arch_list(arch) != arch:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = jit_arch_list(arch)
+        log.info(f"TORCH_CUDA_ARCH_LIST={arch!r} -> {os.environ['TORCH_CUDA_ARCH_LIST']!r} for DeepSpeed's op builder")
     # ZeRO-3 calls two collectives that torch deprecates, and the warnings repeat every step.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` "
                             r"is deprecated", category=FutureWarning)

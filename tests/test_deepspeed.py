@@ -61,6 +61,14 @@ def test_project_imports_without_deepspeed():
     assert proc.returncode == 0, proc.stderr
 
 
+def test_arch_list_is_made_parseable_for_the_op_builder():
+    # DeepSpeed 0.19's JIT builder int()s each part of major.minor: '9.0a' failed on the device.
+    assert deepspeed_engine.jit_arch_list("9.0a") == "9.0"
+    assert deepspeed_engine.jit_arch_list("8.0 9.0a;10.0f+PTX") == "8.0;9.0;10.0+PTX"
+    assert deepspeed_engine.jit_arch_list("9.0;9.0a") == "9.0"
+    assert deepspeed_engine.jit_arch_list("8.6") == "8.6"
+
+
 def test_deepspeed_config_maps_batch_clip_and_wire_dtypes():
     import torch
 
