@@ -443,3 +443,22 @@ def test_default_dataset_concurrent_processes_build_once(tmp_path):
     assert len(prefixes) == 1
     assert sum(out.count("first run only") for out in outs) == 1, outs
     IndexedDataset(prefixes.pop())
+
+
+def test_corpus_workers_stop_under_a_trainers_sigterm_handler():
+    """The trainer installs a SIGTERM handler that only sets a flag before it builds the default
+    data; pool workers forked from it inherited that handler, so pool.terminate() waited on them
+    forever (the first `fqtrain` of a fresh machine hung)."""
+    code = ("import signal; signal.signal(signal.SIGTERM, lambda *a: None); "
+            "from train.default_data import stdlib_corpus; "
+            "print('DOCS', len(stdlib_corpus(max_bytes=200_000, workers=2)))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=root, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out = proc.communicate(timeout=60)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)  # the handler ignores SIGTERM: SIGKILL the group
+        proc.communicate()
+        pytest.fail("stdlib_corpus hung in pool.terminate() under a SIGTERM handler")
+    assert proc.returncode == 0 and "DOCS" in out, out
