@@ -11,7 +11,10 @@ fallback, and FQ + INT8 communication; validation loss curves and fallback ratio
 
 --time-limit S stops every row S seconds after the start (SIGTERM: the trainer finishes its step,
 saves, exits), so a run under a wall-clock budget still ends with comparable curves. The rows'
-checkpoints go to a temp dir, never into the workdir.
+checkpoints go to --checkpoint-root (default: a temp dir), never into the workdir; the same
+command again with the same --workdir and --checkpoint-root continues every row from where it
+stopped (checkpoint.resume=auto), its metrics.jsonl growing, so a long comparison can span
+several time-limited calls.
 
 Rows: bf16 (fq off), fq (FQ-INT8, fallback on), nofallback (fq.fallback=none: block/row INT8
 only), fq_budget5 (fallback capped near 5% of tiles per layer and GEMM), fq_int8comm (FQ + INT8
@@ -92,7 +95,7 @@ def run(args) -> list[dict]:
         sys.exit(f"--rows: unknown {unknown}; choose from {list(ROWS)}")
     workdir = args.workdir or tempfile.mkdtemp(prefix="fq-accuracy-")
     os.makedirs(workdir, exist_ok=True)
-    ckpt_root = tempfile.mkdtemp(prefix="fq-accuracy-ckpt-")
+    ckpt_root = args.checkpoint_root or tempfile.mkdtemp(prefix="fq-accuracy-ckpt-")
     deadline = time.monotonic() + args.time_limit if args.time_limit else None
     stopped = False
     results = {}
@@ -114,7 +117,7 @@ def run(args) -> list[dict]:
                 env["CUDA_VISIBLE_DEVICES"] = str(singles % args.gpus)
                 singles += 1
             run_dir = os.path.join(workdir, name)
-            log = open(os.path.join(workdir, f"{name}.log"), "w")
+            log = open(os.path.join(workdir, f"{name}.log"), "a")
             cmd = command(name, args, run_dir, os.path.join(ckpt_root, name))
             procs[name] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True),
                            run_dir, log)
@@ -211,6 +214,8 @@ def main() -> None:
     ap.add_argument("--together", action="store_true", help="start every row at once (see above)")
     ap.add_argument("--time-limit", type=float, default=0, help="stop all rows after this many seconds (0: none)")
     ap.add_argument("--workdir", default=None, help="keep the run directories here (default: a temp dir)")
+    ap.add_argument("--checkpoint-root", default=None,
+                    help="the rows' checkpoints (default: a temp dir); reuse it to continue stopped rows")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--plot", default=None, help="only draw the PNGs from this results JSON")
     ap.add_argument("--collect", default=None, help="only read back the rows' run directories in this workdir")
