@@ -445,20 +445,21 @@ def test_default_dataset_concurrent_processes_build_once(tmp_path):
     IndexedDataset(prefixes.pop())
 
 
-def test_corpus_workers_stop_under_a_trainers_sigterm_handler():
+def test_default_data_workers_stop_under_a_trainers_sigterm_handler(tmp_path):
     """The trainer installs a SIGTERM handler that only sets a flag before it builds the default
-    data; pool workers forked from it inherited that handler, so pool.terminate() waited on them
-    forever (the first `fqtrain` of a fresh machine hung)."""
+    data; pool workers (corpus parsing, tokenizing) forked from it inherited that handler, so
+    pool.terminate() waited on them forever (the first `fqtrain` of a fresh machine hung)."""
     code = ("import signal; signal.signal(signal.SIGTERM, lambda *a: None); "
-            "from train.default_data import stdlib_corpus; "
-            "print('DOCS', len(stdlib_corpus(max_bytes=200_000, workers=2)))")
+            "from train.default_data import ensure_default_dataset as e; "
+            "print('PREFIX', e(400, corpus_bytes=200_000))")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=root, stdout=subprocess.PIPE,
+    env = dict(os.environ, FQTRAIN_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=root, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        out = proc.communicate(timeout=60)[0]
+        out = proc.communicate(timeout=120)[0]
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, 9)  # the handler ignores SIGTERM: SIGKILL the group
         proc.communicate()
-        pytest.fail("stdlib_corpus hung in pool.terminate() under a SIGTERM handler")
-    assert proc.returncode == 0 and "DOCS" in out, out
+        pytest.fail("building the default data hung in pool.terminate() under a SIGTERM handler")
+    assert proc.returncode == 0 and "PREFIX" in out, out

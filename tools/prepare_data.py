@@ -228,8 +228,17 @@ def _load_tokenizer(path: str):
     return sp
 
 
+def restore_default_sigterm() -> None:
+    """Pool initializer: a worker forked from the trainer inherits its flag-only SIGTERM handler,
+    and pool.terminate() then waits on it forever; the default handler lets it die."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _init_worker(path: str) -> None:
     global _sp
+    restore_default_sigterm()
     _sp = _load_tokenizer(path)
 
 

@@ -98,12 +98,6 @@ def source_prose(path: str) -> str:
     return "\n\n".join(text for _, text in parts if text.strip())
 
 
-def _default_sigterm() -> None:
-    import signal
-
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
 def stdlib_corpus(max_bytes: int = DEFAULT_CORPUS_BYTES, workers: int = 0) -> list[str]:
     """One document per standard library file (its prose), in order, up to max_bytes of UTF-8.
     Parsing is the slow part: `workers` processes (0: up to 8 cores) share it."""
@@ -114,9 +108,9 @@ def stdlib_corpus(max_bytes: int = DEFAULT_CORPUS_BYTES, workers: int = 0) -> li
         workers = 1
     docs: list[str] = []
     total = 0
-    # Workers take the default SIGTERM back: forked from a trainer they would inherit its handler,
-    # which only sets a flag, and pool.terminate() below would wait on them forever.
-    pool = mp.Pool(workers, initializer=_default_sigterm) if workers > 1 else None
+    from tools.prepare_data import restore_default_sigterm
+
+    pool = mp.Pool(workers, initializer=restore_default_sigterm) if workers > 1 else None
     try:
         texts = (pool.imap(source_prose, stdlib_files(), chunksize=8) if pool
                  else map(source_prose, stdlib_files()))
