@@ -167,9 +167,16 @@ def quantize_act(x: torch.Tensor, tile: int, threshold: torch.Tensor | float, ba
                  fallback: bool, seed: int | None = None, transposed: bool = False) -> TileQuant:
     """Quantize an activation operand (M, K) along its rows, with fallback tiles; `transposed`
     also returns the plain row-wise (K, M) digits the weight-gradient GEMM reads."""
-    m, k = x.shape
     xt = _tiles(x, tile)
-    rowmax, flags, stats = _tile_stats(xt, m, k, tile, threshold, base_threshold, fallback)
+    rowmax, flags, stats = _tile_stats(xt, *x.shape, tile, threshold, base_threshold, fallback)
+    return quantize_with_flags(x, xt, rowmax, flags, stats, tile, seed, transposed)
+
+
+def quantize_with_flags(x: torch.Tensor, xt: torch.Tensor, rowmax: torch.Tensor, flags: torch.Tensor,
+                        stats: torch.Tensor, tile: int, seed: int | None = None, transposed: bool = False) -> TileQuant:
+    """quantize_act after the fallback decision, for any flags (tools/fallback_study.py tries
+    other tests); xt, rowmax and stats as _tiles and _tile_stats give them."""
+    m, k = x.shape
     scale, inv = row_scales(rowmax, flags, tile)
     mt, kt = flags.shape
     inv_p = torch.ones(mt * tile, device=x.device)

@@ -41,6 +41,30 @@ def gemm_error(a: torch.Tensor, b: torch.Tensor, tile: int, thr: float, fallback
     return q.flags.float().mean().item(), rel(y, a.double() @ b.double().t())
 
 
+def row_crest_flags(a: torch.Tensor, tile: int, thr: float) -> torch.Tensor:
+    """A test that leaves token outliers to the row scales: a tile falls back when one of its rows
+    holds a value above thr x that row's RMS over all of K (a channel outlier), not when a
+    whole row is large (a heavy-tailed token), which the crest test of the tile flags."""
+    m = a.shape[0]
+    rowmax = R._tile_stats(R._tiles(a, tile), *a.shape, tile, thr, thr, False)[0]  # (M, Kt)
+    rms = a.float().pow(2).mean(dim=1).sqrt().clamp_min(1e-30)
+    hot = rowmax > thr * rms[:, None]
+    mt = R.num_tiles(m, tile)
+    pad = torch.zeros(mt * tile, hot.shape[1], dtype=torch.bool)
+    pad[:m] = hot
+    return pad.view(mt, tile, -1).any(dim=1)
+
+
+def gemm_error_flags(a: torch.Tensor, b: torch.Tensor, tile: int, flags: torch.Tensor) -> tuple[float, float]:
+    """gemm_error with given fallback flags."""
+    xt = R._tiles(a, tile)
+    rowmax, _, stats = R._tile_stats(xt, *a.shape, tile, 1e9, 1e9, False)
+    q = R.quantize_with_flags(a, xt, rowmax, flags, stats, tile)
+    bq, bs = R.quantize_rows(b)
+    y = R.gemm_a_fallback(q, bq, bs, torch.float32)
+    return flags.float().mean().item(), rel(y, a.double() @ b.double().t())
+
+
 def dw_error(dy: torch.Tensor, x: torch.Tensor, tile: int, thr: float, fallback: bool) -> tuple[float, float]:
     """(fraction of flagged X tiles, relative error) of the FQ weight gradient dy.T @ x, computed
     as FQLinear's backward does: X's forward quantization, dY per column with X's row scales."""
@@ -59,6 +83,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--tile", type=int, default=128)
     ap.add_argument("--threshold", type=float, default=12.0)
+    ap.add_argument("--row-threshold", type=float, default=16.0,
+                    help="the row-crest test's threshold (value / row RMS), compared in the summary")
     args = ap.parse_args()
     torch.manual_seed(0)
     prefix = ensure_default_dataset()
@@ -103,6 +129,7 @@ def main() -> None:
     print(f"\ntile {args.tile}, threshold {args.threshold}, after {args.steps} steps")
     print(f"{'layer':<28} {'op':<3} {'flagged':>8} {'err fb':>9} {'err none':>9} {'fb/none':>8} {'err bf16':>9}")
     ratios, flagged = {"x": [], "dy": [], "dw": []}, {"x": [], "dy": [], "dw": []}
+    row_test = {"x": [], "dy": []}
     for name, d in caps.items():
         w = modules[name].weight.detach()
         for op, a, b in (("x", d["x"], w), ("dy", d["dy"], w.t().contiguous()), ("dw", d["dy"], d["x"])):
@@ -114,12 +141,20 @@ def main() -> None:
                          else a.bfloat16().double().t() @ b.bfloat16().double(), ref)
             ratios[op].append(e_fb / e_none)
             flagged[op].append(fr)
+            if op != "dw":
+                fr_row, e_row = gemm_error_flags(a, b, args.tile, row_crest_flags(a, args.tile, args.row_threshold))
+                row_test[op].append((fr_row, e_row / e_none))
             print(f"{name:<28} {op:<3} {100 * fr:7.1f}% {e_fb:9.2e} {e_none:9.2e} {e_fb / e_none:8.2f} {e_bf16:9.2e}")
     print(f"\nflagged tiles: X {100 * sum(flagged['x']) / len(flagged['x']):.1f}%, "
           f"dY {100 * sum(flagged['dy']) / len(flagged['dy']):.1f}%")
     for op, r in ratios.items():
         print(f"error with / without fallback, {op:<2} GEMMs: mean {sum(r) / len(r):.2f}, max {max(r):.2f} "
               f"over {len(r)}")
+    for op, rows in row_test.items():
+        fr, r = [x[0] for x in rows], [x[1] for x in rows]
+        print(f"row-crest test (> {args.row_threshold:g} x row RMS), {op:<2}: flagged {100 * sum(fr) / len(fr):.1f}% "
+              f"(crest test {100 * sum(flagged[op]) / len(flagged[op]):.1f}%); error / no fallback: "
+              f"mean {sum(r) / len(r):.2f}, max {max(r):.2f}")
 
 
 if __name__ == "__main__":
