@@ -114,6 +114,12 @@ class _FQMatmul(torch.autograd.Function):
         return dx, dw, None, None
 
 
+# torch.compile (train.compile) compiles the code around FQ layers and runs them as they are:
+# their kernels are already fused, and tracing into the Triton launches, the fallback lists and
+# the host-side telemetry would only multiply graph breaks and recompilations.
+_fq_matmul = torch.compiler.disable(_FQMatmul.apply)
+
+
 class FQLinear(nn.Linear):
     """nn.Linear with fallback-quantized INT8 GEMMs; same parameters and state_dict as nn.Linear."""
 
@@ -182,7 +188,7 @@ class FQLinear(nn.Linear):
         x2 = x.reshape(-1, x.shape[-1])
         if x2.shape[0] == 0:
             return F.linear(x, self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype))
-        y = _FQMatmul.apply(x2, self.weight, self, dtype).reshape(*lead, self.out_features)
+        y = _fq_matmul(x2, self.weight, self, dtype).reshape(*lead, self.out_features)
         if self.bias is not None:
             y = y + self.bias.to(dtype)
         return y
