@@ -120,9 +120,10 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
     # ZeRO++ JIT-builds its quantizer op; images that set TORCH_CUDA_ARCH_LIST=9.0a (the torch
     # 2.11 CUDA image does) make that build fail with "invalid literal for int(): '0a'".
     arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
-    if arch and jit_arch_list(arch) != arch:
-        os.environ["TORCH_CUDA_ARCH_LIST"] = jit_arch_list(arch)
-        log.info(f"TORCH_CUDA_ARCH_LIST={arch!r} -> {os.environ['TORCH_CUDA_ARCH_LIST']!r} for DeepSpeed's op builder")
+    fixed = jit_arch_list(arch)
+    if arch and fixed != arch:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = fixed
+        log.info(f"TORCH_CUDA_ARCH_LIST={arch!r} -> {fixed!r} for DeepSpeed's op builder")
     # ZeRO-3 calls two collectives that torch deprecates, and the warnings repeat every step.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` "
                             r"is deprecated", category=FutureWarning)

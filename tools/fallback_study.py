@@ -35,7 +35,11 @@ def rel(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 def gemm_error(a: torch.Tensor, b: torch.Tensor, tile: int, thr: float, fallback: bool) -> tuple[float, float]:
     """(fraction of flagged tiles, relative error) of the FQ product a @ b.T."""
-    q = R.quantize_act(a, tile, thr, thr, fallback)
+    return product_error(R.quantize_act(a, tile, thr, thr, fallback), a, b)
+
+
+def product_error(q: R.TileQuant, a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """(fraction of flagged tiles, relative error) of a @ b.T computed from a's quantization q."""
     bq, bs = R.quantize_rows(b)
     y = R.gemm_a_fallback(q, bq, bs, torch.float32)
     return q.flags.float().mean().item(), rel(y, a.double() @ b.double().t())
@@ -59,10 +63,7 @@ def gemm_error_flags(a: torch.Tensor, b: torch.Tensor, tile: int, flags: torch.T
     """gemm_error with given fallback flags."""
     xt = R._tiles(a, tile)
     rowmax, _, stats = R._tile_stats(xt, *a.shape, tile, 1e9, 1e9, False)
-    q = R.quantize_with_flags(a, xt, rowmax, flags, stats, tile)
-    bq, bs = R.quantize_rows(b)
-    y = R.gemm_a_fallback(q, bq, bs, torch.float32)
-    return flags.float().mean().item(), rel(y, a.double() @ b.double().t())
+    return product_error(R.quantize_with_flags(a, xt, rowmax, flags, stats, tile), a, b)
 
 
 def dw_error(dy: torch.Tensor, x: torch.Tensor, tile: int, thr: float, fallback: bool) -> tuple[float, float]:
