@@ -78,7 +78,8 @@ class _FQMatmul(torch.autograd.Function):
         ops = layer._ops(x)
         with torch.autocast(x.device.type, enabled=False):
             xq = ops.quantize_act(x, cfg.tile, layer._thresholds(x.device)[FORWARD], cfg.threshold,
-                                  cfg.fallback != "none", transposed=cfg.grad_weight)
+                                  cfg.fallback != "none", transposed=cfg.grad_weight,
+                                  stats=layer._stats_sink(FORWARD, x.device))
             layer._record(FORWARD, xq, x.shape)
             wq, ws = ops.quantize_rows(weight)
             y = ops.gemm_a_fallback(xq, wq, ws, out_dtype)
@@ -99,7 +100,8 @@ class _FQMatmul(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 if cfg.grad_input:
                     dyq = ops.quantize_act(dy, cfg.tile, layer._thresholds(dy.device)[GRAD], cfg.threshold,
-                                           cfg.fallback != "none", seed=layer._next_seed())
+                                           cfg.fallback != "none", seed=layer._next_seed(),
+                                           stats=layer._stats_sink(GRAD, dy.device))
                     layer._record(GRAD, dyq, dy.shape)
                     wq_t, ws_t = ops.quantize_cols_t(weight)
                     dx = ops.gemm_a_fallback(dyq, wq_t, ws_t, ctx.x_dtype)
@@ -131,6 +133,7 @@ class FQLinear(nn.Linear):
         self.fq_backend = backend  # kernels for CUDA tensors: "triton" or "reference"
         self.last_backend = None  # what the latest forward actually ran (tests and logs)
         self._stats = None  # (2, 4) int64 on the activations' device: FORWARD / GRAD x STAT_*
+        self._stat_rows = ()  # its two rows, which the kernels add into
         self._tiles = [0, 0]
         self._thr = None
         self._seed_calls = 0
@@ -166,14 +169,21 @@ class FQLinear(nn.Linear):
         # crc32, not hash(): str hashes change per process, seeds must not.
         return (zlib.crc32(self.fq_name.encode()) * 1000003 + self._seed_calls) % (2**31 - 1)
 
+    def _stats_sink(self, which: int, device) -> torch.Tensor | None:
+        """Where a quantization adds its counts: straight into the running totals (no extra
+        launch), except under the budget policy, which needs each call's own counts."""
+        if self._stats is None or self._stats.device != device:
+            self._stats = torch.zeros(2, 4, dtype=torch.int64, device=device)
+            self._stat_rows = self._stats.unbind(0)
+        return None if self.fq_config.fallback == "budget" else self._stat_rows[which]
+
     def _record(self, which: int, q: TileQuant, shape) -> None:
-        """Accumulate counts on device (no sync); the budget policy adapts the threshold there too."""
-        if self._stats is None or self._stats.device != q.stats.device:
-            self._stats = torch.zeros(2, 4, dtype=torch.int64, device=q.stats.device)
-        self._stats[which] += q.stats
+        """Count tiles; the budget policy adds the call's counts and adapts its threshold on the
+        device (no sync)."""
         n = num_tiles(shape[0], self.fq_config.tile) * num_tiles(shape[1], self.fq_config.tile)
         self._tiles[which] += n
         if self.fq_config.fallback == "budget":
+            self._stats[which] += q.stats
             thr = self._thr[which]
             ratio = q.stats[STAT_FALLBACK].float() / max(n, 1)
             base = torch.full_like(thr, self.fq_config.threshold)

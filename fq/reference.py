@@ -39,6 +39,9 @@ class TileQuant:
     tile: int
     qt: torch.Tensor | None = None  # (K, M) int8: round(a / scale_t[m]) transposed, for the weight gradient
     scale_t: torch.Tensor | None = None  # (M,) fp32 absmax(row) / 127 (no fallback); NaN on NaN/Inf rows
+    # The Triton GEMM's fallback lists (fallback_lists); the reference GEMM does not need them.
+    count: torch.Tensor | None = None  # (Mt,) int32 fallback tiles per tile row
+    order: torch.Tensor | None = None  # (Mt, Kt) int32 their K-tile indices first, ascending
 
 
 def num_tiles(n: int, tile: int) -> int:
@@ -164,12 +167,26 @@ def row_scales(rowmax: torch.Tensor, flags: torch.Tensor, tile: int) -> tuple[to
 
 
 def quantize_act(x: torch.Tensor, tile: int, threshold: torch.Tensor | float, base_threshold: float,
-                 fallback: bool, seed: int | None = None, transposed: bool = False) -> TileQuant:
+                 fallback: bool, seed: int | None = None, transposed: bool = False,
+                 stats: torch.Tensor | None = None) -> TileQuant:
     """Quantize an activation operand (M, K) along its rows, with fallback tiles; `transposed`
-    also returns the plain row-wise (K, M) digits the weight-gradient GEMM reads."""
+    also returns the plain row-wise (K, M) digits the weight-gradient GEMM reads. The counts are
+    added into `stats` (int64 (4,), e.g. a layer's running totals) when given, else returned fresh."""
     xt = _tiles(x, tile)
-    rowmax, flags, stats = _tile_stats(xt, *x.shape, tile, threshold, base_threshold, fallback)
-    return quantize_with_flags(x, xt, rowmax, flags, stats, tile, seed, transposed)
+    rowmax, flags, call_stats = _tile_stats(xt, *x.shape, tile, threshold, base_threshold, fallback)
+    a = quantize_with_flags(x, xt, rowmax, flags, call_stats, tile, seed, transposed)
+    if stats is not None:
+        stats += a.stats
+        a.stats = stats
+    return a
+
+
+def fallback_lists(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per tile row: how many fallback tiles, and their K-tile indices first, ascending (the
+    Triton GEMM's tail walks these; entries past the count carry no meaning)."""
+    f = flags.to(torch.int8)
+    order = torch.sort(f, dim=1, descending=True, stable=True).indices.to(torch.int32)
+    return f.sum(dim=1, dtype=torch.int32), order
 
 
 def quantize_with_flags(x: torch.Tensor, xt: torch.Tensor, rowmax: torch.Tensor, flags: torch.Tensor,
@@ -179,6 +196,7 @@ def quantize_with_flags(x: torch.Tensor, xt: torch.Tensor, rowmax: torch.Tensor,
     m, k = x.shape
     scale, inv = row_scales(rowmax, flags, tile)
     mt, kt = flags.shape
+    count, order = fallback_lists(flags)
     inv_p = torch.ones(mt * tile, device=x.device)
     inv_p[:m] = inv
     z = _finite_only(xt * inv_p.view(mt, 1, tile, 1))
@@ -187,8 +205,8 @@ def quantize_with_flags(x: torch.Tensor, xt: torch.Tensor, rowmax: torch.Tensor,
         q, stats[STAT_SATURATED] = _to_int8(_round(z, seed))
         zeros = torch.zeros_like(flags, dtype=torch.float32)
         return _with_transposed(TileQuant(_untile(q, m, k).contiguous(), torch.zeros(m, k, dtype=torch.int8,
-                                device=x.device), scale, flags, zeros, zeros.clone(), stats, tile), x, rowmax,
-                                seed, transposed)
+                                device=x.device), scale, flags, zeros, zeros.clone(), stats, tile, count=count,
+                                order=order), x, rowmax, seed, transposed)
     f = _per_tile(flags)
     az = _tile_amax(z.abs())
     c1 = torch.where(flags, _div(az, QMAX), torch.zeros_like(az))
@@ -202,7 +220,7 @@ def quantize_with_flags(x: torch.Tensor, xt: torch.Tensor, rowmax: torch.Tensor,
     q2, sat2 = _to_int8(r2)
     stats[STAT_SATURATED] = sat + sat2
     return _with_transposed(TileQuant(_untile(q, m, k).contiguous(), _untile(q2, m, k).contiguous(), scale, flags,
-                                      c1, c2, stats, tile), x, rowmax, seed, transposed)
+                                      c1, c2, stats, tile, count=count, order=order), x, rowmax, seed, transposed)
 
 
 def _with_transposed(a: TileQuant, x: torch.Tensor, rowmax: torch.Tensor, seed: int | None,

@@ -76,6 +76,7 @@ def test_bad_file(tmp_path):
     (["--data.seq_len=4096"], 1, "exceeds model.max_seq_len"),
     (["--parallel.dp_replicate=3", "--train.global_batch_size=32"], 4, "parallel.dp_replicate=3"),
     (["--logging.profile_steps=5", "--logging.profile_start=198"], 1, "runs past train.steps=200"),
+    (["--train.peer_linear=torchao_float8", "--fq.enabled=true"], 1, "add --fq.enabled=false"),
 ])
 def test_impossible_combinations(override, world, needle):
     cfg = load_config(None, override)
@@ -89,3 +90,26 @@ def test_resolved_config_round_trips(tmp_path):
     p = tmp_path / "resolved.toml"
     p.write_text(to_toml(cfg))
     assert to_toml(load_config(str(p))) == to_toml(cfg)
+
+
+def test_float8_peer_says_what_it_needs(monkeypatch):
+    import builtins
+
+    import torch
+
+    from train.model import Transformer
+    from train.trainer import _torchao_float8
+
+    model = Transformer(load_config(None, ["--model.vocab_size=64"]).model)
+    with pytest.raises(ConfigError, match="needs a CUDA GPU with FP8"):
+        _torchao_float8(model, torch.device("cpu"))
+    real_import = builtins.__import__
+
+    def no_torchao(name, *args, **kwargs):
+        if name.startswith("torchao"):
+            raise ImportError("No module named 'torchao'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torchao)
+    with pytest.raises(ConfigError, match="needs torchao"):
+        _torchao_float8(model, torch.device("cuda"))

@@ -10,7 +10,8 @@ medians of the logged steps after warm-up, read back from metrics.jsonl.
 
 Rows: bf16 (fq.enabled=false), fq (FQ-INT8 with fallback), rowwise (fq.fallback=none: per-row
 INT8 without fallback, the torchao-style recipe), fqbudget (fallback capped near 5% of tiles per
-layer and GEMM, the kernels' design point), with suffixes: `+compile` (torch.compile),
+layer and GEMM, the kernels' design point), float8 (torchao's float8 training, a peer; needs
+torchao), with suffixes: `+compile` (torch.compile),
 `+bf16comm` (bf16 all-gather / fp32 reduce-scatter instead of the default INT8 wire),
 `+deepspeed` (DeepSpeed ZeRO-3, ZeRO++ with INT8 comms). Comms matter from --nproc 2 on;
 `--sockets` makes NCCL use its socket transport (NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1), which
@@ -38,6 +39,7 @@ ROWS = {
     "fq": ["--fq.enabled=true"],
     "rowwise": ["--fq.enabled=true", "--fq.fallback=none"],
     "fqbudget": ["--fq.enabled=true", "--fq.fallback=budget", "--fq.budget=0.05"],
+    "float8": ["--fq.enabled=false", "--train.peer_linear=torchao_float8"],
 }
 # Row suffixes, combinable: "fq+bf16comm", "bf16+deepspeed+compile".
 MODIFIERS = {

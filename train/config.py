@@ -64,6 +64,9 @@ class TrainConfig:
     dtype: str = "auto"
     device: str = "auto"
     compile: bool = False
+    # A peer's recipe for the blocks' Linear layers, for benchmarks against FQ: "none" or
+    # "torchao_float8" (torchao's float8 training; needs torchao, a GPU with FP8, fq.enabled=false).
+    peer_linear: str = "none"
     val_interval: int = 100
     val_batches: int = 8
     # Abort after this many consecutive steps with a non-finite loss or gradient.
@@ -155,6 +158,7 @@ _SECTION_CLASSES = {f.name: f.default_factory for f in dataclasses.fields(Config
 CHOICES = {
     "train.dtype": ("auto", "bf16", "fp32"),
     "train.device": ("auto", "cpu", "cuda"),
+    "train.peer_linear": ("none", "torchao_float8"),
     "optim.schedule": ("cosine", "constant", "wsd"),
     "parallel.engine": ("fsdp", "deepspeed"),
     "parallel.all_gather_dtype": ("int8", "bf16", "fp32"),
@@ -315,6 +319,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
          f"use a multiple of {per_step}")
     need(t.val_interval >= 0 and t.val_batches >= 0, "train.val_interval and train.val_batches must be >= 0")
     need(t.max_bad_steps > 0, f"train.max_bad_steps={t.max_bad_steps}: must be > 0")
+    need(t.peer_linear == "none" or not cfg.fq.enabled,
+         f"train.peer_linear={t.peer_linear} replaces the Linear layers FQ would convert; add --fq.enabled=false")
     need(o.lr > 0, f"optim.lr={o.lr}: must be > 0")
     need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio}: must be in [0, 1]")
     need(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps}: must be >= 0")

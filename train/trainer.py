@@ -70,6 +70,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _torchao_float8(model: torch.nn.Module, device: torch.device) -> None:
+    """The float8 peer: torchao's dynamic float8 training on the blocks' Linear layers."""
+    if device.type != "cuda":
+        raise C.ConfigError("train.peer_linear=torchao_float8 needs a CUDA GPU with FP8 (sm_89 or newer)")
+    try:
+        from torchao.float8 import convert_to_float8_training
+    except ImportError as e:
+        raise C.ConfigError(f"train.peer_linear=torchao_float8 needs torchao (pip install torchao): {e}") from None
+    convert_to_float8_training(model, module_filter_fn=lambda mod, fqn: fqn.startswith("layers."))
+    n = sum(type(m).__name__ == "Float8Linear" for m in model.modules())
+    log.info(f"peer: torchao float8 training on {n} Linear layers (bf16 all-gathers)")
+
+
 def build_optimizer(model: torch.nn.Module, cfg: C.OptimConfig):
     """AdamW; no weight decay on norms, biases and embeddings (they are not GEMM weights)."""
     decay, no_decay = [], []
@@ -134,6 +147,8 @@ class Trainer:
         model = Transformer(cfg.model)
         self.n_params = num_params(model)
         fq.convert(model, cfg.fq)
+        if cfg.train.peer_linear == "torchao_float8":
+            _torchao_float8(model, self.device)
         model.to(self.device)
         self.mesh = build_mesh(self.world_size, cfg.parallel.dp_replicate, self.device.type)
         pcfg = cfg.parallel
