@@ -10,7 +10,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 triton = pytest.importorskip("triton")
 
-from fq import FQConfig, FQLinear  # noqa: E402
+from fq import FQConfig, FQLinear, collect_stats  # noqa: E402
 from fq import reference as R  # noqa: E402
 from fq import triton_kernels as T  # noqa: E402
 
@@ -176,3 +176,8 @@ def test_fqlinear_triton_path_matches_reference_path():
     gt = torch.autograd.grad(yt, (xt, tri.weight), g)
     for a, b in zip(gr, gt):
         assert ((a - b).norm() / a.norm()) < 1e-6
+    # The kernels add their counts straight into the layer's totals: same telemetry as the reference.
+    sr, st = collect_stats(ref), collect_stats(tri)
+    for key in ("fallback_ratio", "fq/saturated", "fq/nonfinite", "fq/crushed_tiles"):
+        assert sr[key] == st[key], key
+    assert sr["fallback_ratio"] > 0
