@@ -39,7 +39,8 @@ class TileQuant:
     tile: int
     qt: torch.Tensor | None = None  # (K, M) int8: round(a / scale_t[m]) transposed, for the weight gradient
     scale_t: torch.Tensor | None = None  # (M,) fp32 absmax(row) / 127 (no fallback); NaN on NaN/Inf rows
-    # The Triton GEMM's fallback lists (fallback_lists); the reference GEMM does not need them.
+    # The Triton GEMM's fallback lists, written by the Triton quantization (as fallback_lists
+    # defines them); the reference GEMM does not need them, so the reference leaves them None.
     count: torch.Tensor | None = None  # (Mt,) int32 fallback tiles per tile row
     order: torch.Tensor | None = None  # (Mt, Kt) int32 their K-tile indices first, ascending
 
@@ -196,7 +197,6 @@ def quantize_with_flags(x: torch.Tensor, xt: torch.Tensor, rowmax: torch.Tensor,
     m, k = x.shape
     scale, inv = row_scales(rowmax, flags, tile)
     mt, kt = flags.shape
-    count, order = fallback_lists(flags)
     inv_p = torch.ones(mt * tile, device=x.device)
     inv_p[:m] = inv
     z = _finite_only(xt * inv_p.view(mt, 1, tile, 1))
@@ -205,8 +205,8 @@ def quantize_with_flags(x: torch.Tensor, xt: torch.Tensor, rowmax: torch.Tensor,
         q, stats[STAT_SATURATED] = _to_int8(_round(z, seed))
         zeros = torch.zeros_like(flags, dtype=torch.float32)
         return _with_transposed(TileQuant(_untile(q, m, k).contiguous(), torch.zeros(m, k, dtype=torch.int8,
-                                device=x.device), scale, flags, zeros, zeros.clone(), stats, tile, count=count,
-                                order=order), x, rowmax, seed, transposed)
+                                device=x.device), scale, flags, zeros, zeros.clone(), stats, tile), x, rowmax,
+                                seed, transposed)
     f = _per_tile(flags)
     az = _tile_amax(z.abs())
     c1 = torch.where(flags, _div(az, QMAX), torch.zeros_like(az))
@@ -220,7 +220,7 @@ def quantize_with_flags(x: torch.Tensor, xt: torch.Tensor, rowmax: torch.Tensor,
     q2, sat2 = _to_int8(r2)
     stats[STAT_SATURATED] = sat + sat2
     return _with_transposed(TileQuant(_untile(q, m, k).contiguous(), _untile(q2, m, k).contiguous(), scale, flags,
-                                      c1, c2, stats, tile, count=count, order=order), x, rowmax, seed, transposed)
+                                      c1, c2, stats, tile), x, rowmax, seed, transposed)
 
 
 def _with_transposed(a: TileQuant, x: torch.Tensor, rowmax: torch.Tensor, seed: int | None,

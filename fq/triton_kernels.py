@@ -368,11 +368,11 @@ def quantize_act(x: torch.Tensor, tile: int, threshold: torch.Tensor | float, ba
     mt, kt = flags.shape
     scales = torch.empty(4 if transposed else 2, m, dtype=torch.float32, device=dev)
     scale, inv, *whole_rows = scales.unbind(0)
-    scale_t, inv_t = whole_rows if transposed else (None, inv)
+    scale_all, inv_all = whole_rows or (scale, inv)  # the whole rows' scales, written only if transposed
     count = torch.empty(mt, dtype=torch.int32, device=dev)
     order = torch.empty(mt, kt, dtype=torch.int32, device=dev)
     block_r = 32  # divides every tile size, so each tile row's list has one first program
-    _scales_kernel[(triton.cdiv(m, block_r),)](rowmax, flags, scale, inv, scales[-2], scales[-1], count, order, m, kt,
+    _scales_kernel[(triton.cdiv(m, block_r),)](rowmax, flags, scale, inv, scale_all, inv_all, count, order, m, kt,
                                                WRITE_ALL=transposed, TILE=tile, BLOCK_R=block_r,
                                                BLOCK_J=min(triton.next_power_of_2(kt), 128),
                                                BLOCK_T=max(triton.next_power_of_2(kt), 16), SPREAD=SPREAD, **_NO_FMA)
@@ -381,10 +381,11 @@ def quantize_act(x: torch.Tensor, tile: int, threshold: torch.Tensor | float, ba
     c1 = torch.empty(mt, kt, dtype=torch.float32, device=dev)
     c2 = torch.empty(mt, kt, dtype=torch.float32, device=dev)
     qt = torch.empty(k, m, dtype=torch.int8, device=dev) if transposed else q
-    _act_quant_kernel[(mt, kt)](x, x.stride(0), x.stride(1), m, k, kt, inv, flags, q, q2, qt, inv_t, c1, c2, stats,
+    _act_quant_kernel[(mt, kt)](x, x.stride(0), x.stride(1), m, k, kt, inv, flags, q, q2, qt, inv_all, c1, c2, stats,
                                 seed or 0, TILE=tile, STOCHASTIC=seed is not None, TRANSPOSED=transposed,
                                 num_warps=8 if tile == 128 else 4, **_NO_FMA)
-    return TileQuant(q, q2, scale, flags, c1, c2, stats, tile, qt if transposed else None, scale_t, count, order)
+    return TileQuant(q, q2, scale, flags, c1, c2, stats, tile, qt if transposed else None,
+                     scale_all if transposed else None, count, order)
 
 
 def _quantize_lines(x: torch.Tensor, lines: int, length: int, s_line: int, s_elem: int,
