@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from fq import reference
 from fq.config import FQConfig
-from fq.reference import STAT_CRUSHED, STAT_FALLBACK, STAT_NONFINITE, STAT_SATURATED, TileQuant, num_tiles
+from fq.reference import NUM_STATS, STAT_CRUSHED, STAT_FALLBACK, STAT_NONFINITE, STAT_SATURATED, STAT_TILES
 
 log = logging.getLogger("fqtrain.fq")
 
@@ -69,57 +69,91 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-class _FQMatmul(torch.autograd.Function):
-    """y = x @ weight.T with the three GEMMs quantized; x (M, K), weight (N, K)."""
+# The math of one FQ Linear, for either kernel set `ops` (fq.reference or fq.triton_kernels).
+# Both add their counts (STAT_*) into `counts`: the layer's running totals in eager mode, a
+# fresh vector inside fq/ops.py's functional op (what torch.compile traces) or under a budget.
+
+def linear_forward(ops, x, weight, thr, counts, tile: int, threshold: float, fallback: bool, keep_x_int8: bool,
+                   out_dtype: torch.dtype):
+    """y = x @ weight.T; also X's INT8 transposed digits and row scales for the weight gradient
+    (empty unless keep_x_int8)."""
+    xq = ops.quantize_act(x, tile, thr[FORWARD], threshold, fallback, transposed=keep_x_int8, stats=counts)
+    wq, ws = ops.quantize_rows(weight)
+    y = ops.gemm_a_fallback(xq, wq, ws, out_dtype)
+    if not keep_x_int8:
+        return y, x.new_empty(0, dtype=torch.int8), x.new_empty(0, dtype=torch.float32)
+    return y, xq.qt, xq.scale_t
+
+
+def linear_backward(ops, dy, weight, qt, scale_t, x, thr, counts, tile: int, threshold: float, fallback: bool,
+                    grad_input: bool, grad_weight: bool, seed_dx: int | None, seed_dw: int | None,
+                    need_dx: bool, need_dw: bool, x_dtype: torch.dtype):
+    """dX = dY W and dW = dY^T X (each None unless needed). A GEMM switched off (grad_input /
+    grad_weight false) runs in dY's dtype; dW then needs X itself."""
+    dx = dw = None
+    if need_dx:
+        if grad_input:
+            dyq = ops.quantize_act(dy, tile, thr[GRAD], threshold, fallback, seed=seed_dx, stats=counts)
+            wq_t, ws_t = ops.quantize_cols_t(weight)
+            dx = ops.gemm_a_fallback(dyq, wq_t, ws_t, x_dtype)
+        else:
+            dx = (dy @ weight.to(dy.dtype)).to(x_dtype)
+    if need_dw:
+        if grad_weight:
+            dyq_t, dys = ops.quantize_cols_t(dy, row_mult=scale_t, seed=seed_dw)
+            dw = ops.gemm_wgrad(dyq_t, dys, qt, weight.dtype)
+        else:
+            dw = (dy.t() @ x.to(dy.dtype)).to(weight.dtype)
+    return dx, dw
+
+
+def account(stats: torch.Tensor, thr: torch.Tensor, which: int, counts: torch.Tensor, threshold: float,
+            budget: float) -> None:
+    """Add a call's counts to the layer's totals; with a budget (> 0), adapt the layer's threshold
+    on the device (no sync): up fast while over budget, back down slowly when well under it
+    (hysteresis, no ringing), never below the configured threshold."""
+    stats[which] += counts
+    if budget > 0:
+        t = thr[which]
+        ratio = counts[STAT_FALLBACK].float() / counts[STAT_TILES].clamp_min(1).float()
+        lower = torch.where(ratio < budget / 2, (t / 1.05).clamp_min(threshold), t)
+        thr[which] = torch.where(ratio > budget, t * 1.25, lower)
+
+
+class _EagerLinear(torch.autograd.Function):
+    """The eager path, with either kernel set: the reference (CPU tensors, fq.backend=reference)
+    or the Triton kernels outside torch.compile (where fq/ops.py's op would only add dispatch)."""
 
     @staticmethod
-    def forward(ctx, x, weight, layer: FQLinear, out_dtype: torch.dtype):
+    def forward(ctx, x, weight, layer: FQLinear, out_dtype: torch.dtype, ops):
         cfg = layer.fq_config
-        ops = layer._ops(x)
+        counts = layer._counts(FORWARD)
         with torch.autocast(x.device.type, enabled=False):
-            xq = ops.quantize_act(x, cfg.tile, layer._thresholds(x.device)[FORWARD], cfg.threshold,
-                                  cfg.fallback != "none", transposed=cfg.grad_weight,
-                                  stats=layer._stats_sink(FORWARD, x.device))
-            layer._record(FORWARD, xq, x.shape)
-            wq, ws = ops.quantize_rows(weight)
-            y = ops.gemm_a_fallback(xq, wq, ws, out_dtype)
-        ctx.layer, ctx.ops, ctx.out_dtype, ctx.x_dtype = layer, ops, out_dtype, x.dtype
-        saved_x = x if not cfg.grad_weight else None
-        # Backward needs X only as the K-major (transposed) INT8 digits of the weight gradient.
-        ctx.save_for_backward(weight, xq.qt, xq.scale_t, saved_x)
+            y, qt, scale_t = linear_forward(ops, x, weight, layer.fq_thr, counts, cfg.tile, cfg.threshold,
+                                            cfg.fallback != "none", cfg.grad_weight, out_dtype)
+        layer._budget(FORWARD, counts)
+        ctx.layer, ctx.ops, ctx.x_dtype = layer, ops, x.dtype
+        ctx.save_for_backward(weight, qt, scale_t, None if cfg.grad_weight else x)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         weight, qt, scale_t, x = ctx.saved_tensors
-        layer, ops = ctx.layer, ctx.ops
+        layer = ctx.layer
         cfg = layer.fq_config
-        cd = ctx.out_dtype
-        dx = dw = None
+        counts = layer._counts(GRAD)
         with torch.autocast(dy.device.type, enabled=False):
-            if ctx.needs_input_grad[0]:
-                if cfg.grad_input:
-                    dyq = ops.quantize_act(dy, cfg.tile, layer._thresholds(dy.device)[GRAD], cfg.threshold,
-                                           cfg.fallback != "none", seed=layer._next_seed(),
-                                           stats=layer._stats_sink(GRAD, dy.device))
-                    layer._record(GRAD, dyq, dy.shape)
-                    wq_t, ws_t = ops.quantize_cols_t(weight)
-                    dx = ops.gemm_a_fallback(dyq, wq_t, ws_t, ctx.x_dtype)
-                else:
-                    dx = (dy.to(cd) @ weight.to(cd)).to(ctx.x_dtype)
-            if ctx.needs_input_grad[1]:
-                if cfg.grad_weight:
-                    dyq_t, dys = ops.quantize_cols_t(dy, row_mult=scale_t, seed=layer._next_seed())
-                    dw = ops.gemm_wgrad(dyq_t, dys, qt, weight.dtype)
-                else:
-                    dw = (dy.to(cd).t() @ x.to(cd)).to(weight.dtype)
-        return dx, dw, None, None
+            dx, dw = linear_backward(ctx.ops, dy, weight, qt, scale_t, x, layer.fq_thr, counts, cfg.tile,
+                                     cfg.threshold, cfg.fallback != "none", cfg.grad_input, cfg.grad_weight,
+                                     layer._next_seed(), layer._next_seed(), ctx.needs_input_grad[0],
+                                     ctx.needs_input_grad[1], ctx.x_dtype)
+        layer._budget(GRAD, counts)
+        return dx, dw, None, None, None
 
 
-# torch.compile (train.compile) compiles the code around FQ layers and runs them as they are:
-# their kernels are already fused, and tracing into the Triton launches, the fallback lists and
-# the host-side telemetry would only multiply graph breaks and recompilations.
-_fq_matmul = torch.compiler.disable(_FQMatmul.apply)
+# Under torch.compile (train.compile) this runs as it is: the reference is eager code with
+# host-side checks, and compiled Triton layers take fq/ops.py's traceable op instead.
+_eager_linear = torch.compiler.disable(_EagerLinear.apply)
 
 
 class FQLinear(nn.Linear):
@@ -132,11 +166,16 @@ class FQLinear(nn.Linear):
         self.fq_name = name
         self.fq_backend = backend  # kernels for CUDA tensors: "triton" or "reference"
         self.last_backend = None  # what the latest forward actually ran (tests and logs)
-        self._stats = None  # (2, 4) int64 on the activations' device: FORWARD / GRAD x STAT_*
-        self._stat_rows = ()  # its two rows, which the kernels add into
-        self._tiles = [0, 0]
-        self._thr = None
         self._seed_calls = 0
+        self._init_state(self.weight.device)
+
+    def _init_state(self, device) -> None:
+        # Telemetry totals (FORWARD / GRAD x STAT_*) and the fallback thresholds, on the layer's
+        # device; buffers so .to() moves them, non-persistent so the state_dict stays nn.Linear's.
+        self.register_buffer("fq_stats", torch.zeros(2, NUM_STATS, dtype=torch.int64, device=device),
+                             persistent=False)
+        self.register_buffer("fq_thr", torch.full((2,), self.fq_config.threshold, dtype=torch.float32,
+                                                  device=device), persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: FQConfig, name: str, backend: str) -> FQLinear:
@@ -145,22 +184,12 @@ class FQLinear(nn.Linear):
                   config=config, name=name, backend=backend)
         new.weight = linear.weight
         new.bias = linear.bias
+        new._init_state(linear.weight.device)
         return new
 
     def extra_repr(self) -> str:
         c = self.fq_config
         return f"{super().extra_repr()}, tile={c.tile}, fallback={c.fallback}, backend={self.fq_backend}"
-
-    def _ops(self, x: torch.Tensor):
-        # CPU tensors take the reference, except under the Triton interpreter (tests).
-        use_triton = self.fq_backend == "triton" and (x.is_cuda or _triton_ops().INTERPRET)
-        self.last_backend = "triton" if use_triton else "reference"
-        return _triton_ops() if use_triton else reference
-
-    def _thresholds(self, device) -> torch.Tensor:
-        if self._thr is None or self._thr.device != device:
-            self._thr = torch.full((2,), self.fq_config.threshold, dtype=torch.float32, device=device)
-        return self._thr
 
     def _next_seed(self) -> int | None:
         if not self.fq_config.stochastic_rounding:
@@ -169,28 +198,16 @@ class FQLinear(nn.Linear):
         # crc32, not hash(): str hashes change per process, seeds must not.
         return (zlib.crc32(self.fq_name.encode()) * 1000003 + self._seed_calls) % (2**31 - 1)
 
-    def _stats_sink(self, which: int, device) -> torch.Tensor | None:
-        """Where a quantization adds its counts: straight into the running totals (no extra
+    def _counts(self, which: int) -> torch.Tensor:
+        """Where an eager call adds its counts: straight into the running totals (no extra
         launch), except under the budget policy, which needs each call's own counts."""
-        if self._stats is None or self._stats.device != device:
-            self._stats = torch.zeros(2, 4, dtype=torch.int64, device=device)
-            self._stat_rows = self._stats.unbind(0)
-        return None if self.fq_config.fallback == "budget" else self._stat_rows[which]
+        if self.fq_config.fallback != "budget":
+            return self.fq_stats[which]
+        return torch.zeros(NUM_STATS, dtype=torch.int64, device=self.fq_stats.device)
 
-    def _record(self, which: int, q: TileQuant, shape) -> None:
-        """Count tiles; the budget policy adds the call's counts and adapts its threshold on the
-        device (no sync)."""
-        n = num_tiles(shape[0], self.fq_config.tile) * num_tiles(shape[1], self.fq_config.tile)
-        self._tiles[which] += n
+    def _budget(self, which: int, counts: torch.Tensor) -> None:
         if self.fq_config.fallback == "budget":
-            self._stats[which] += q.stats
-            thr = self._thr[which]
-            ratio = q.stats[STAT_FALLBACK].float() / max(n, 1)
-            base = torch.full_like(thr, self.fq_config.threshold)
-            budget = self.fq_config.budget
-            # Up fast when over budget, back down slowly when well under it (hysteresis, no ringing).
-            lower = torch.where(ratio < budget / 2, torch.maximum(thr / 1.05, base), thr)
-            self._thr[which] = torch.where(ratio > budget, thr * 1.25, lower)
+            account(self.fq_stats, self.fq_thr, which, counts, self.fq_config.threshold, self.fq_config.budget)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = _compute_dtype(x)
@@ -198,7 +215,16 @@ class FQLinear(nn.Linear):
         x2 = x.reshape(-1, x.shape[-1])
         if x2.shape[0] == 0:
             return F.linear(x, self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype))
-        y = _fq_matmul(x2, self.weight, self, dtype).reshape(*lead, self.out_features)
+        # CPU tensors take the reference, except under the Triton interpreter (tests).
+        use_triton = self.fq_backend == "triton" and (x.is_cuda or _triton_ops().INTERPRET)
+        self.last_backend = "triton" if use_triton else "reference"
+        if use_triton and torch.compiler.is_compiling() and not self.fq_config.stochastic_rounding:
+            from fq import ops
+
+            y = ops.fq_linear(x2, self.weight, self, dtype)
+        else:
+            y = _eager_linear(x2, self.weight, self, dtype, _triton_ops() if use_triton else reference)
+        y = y.reshape(*lead, self.out_features)
         if self.bias is not None:
             y = y + self.bias.to(dtype)
         return y
@@ -231,27 +257,26 @@ def convert(model: nn.Module, config: FQConfig) -> nn.Module:
 
 def collect_stats(model: nn.Module, reset: bool = True) -> dict[str, float]:
     """Telemetry since the last reset: one device read for the whole model."""
-    layers = [m for m in model.modules() if isinstance(m, FQLinear) and m._stats is not None]
+    layers = [m for m in model.modules() if isinstance(m, FQLinear)]
     out: dict[str, float] = {}
     if not layers:
         return {"fallback_ratio": 0.0, "fq/fallback_ratio": 0.0, "fq/saturated": 0.0, "fq/nonfinite": 0.0}
-    counts = torch.stack([m._stats.to(layers[0]._stats.device) for m in layers]).tolist()
+    counts = torch.stack([m.fq_stats.to(layers[0].fq_stats.device) for m in layers]).tolist()
     total_tiles = total_fb = total_sat = total_nf = total_crushed = 0
     for m, c in zip(layers, counts):
-        tiles = m._tiles
+        fwd, grad = c[FORWARD], c[GRAD]
         name = m.fq_name
-        out[f"fq/{name}/fallback_ratio"] = c[FORWARD][STAT_FALLBACK] / max(tiles[FORWARD], 1)
-        out[f"fq/{name}/grad_fallback_ratio"] = c[GRAD][STAT_FALLBACK] / max(tiles[GRAD], 1)
-        out[f"fq/{name}/saturated"] = float(c[FORWARD][STAT_SATURATED] + c[GRAD][STAT_SATURATED])
-        out[f"fq/{name}/nonfinite"] = float(c[FORWARD][STAT_NONFINITE] + c[GRAD][STAT_NONFINITE])
-        total_tiles += sum(tiles)
-        total_fb += c[FORWARD][STAT_FALLBACK] + c[GRAD][STAT_FALLBACK]
-        total_sat += c[FORWARD][STAT_SATURATED] + c[GRAD][STAT_SATURATED]
-        total_nf += c[FORWARD][STAT_NONFINITE] + c[GRAD][STAT_NONFINITE]
-        total_crushed += c[FORWARD][STAT_CRUSHED] + c[GRAD][STAT_CRUSHED]
+        out[f"fq/{name}/fallback_ratio"] = fwd[STAT_FALLBACK] / max(fwd[STAT_TILES], 1)
+        out[f"fq/{name}/grad_fallback_ratio"] = grad[STAT_FALLBACK] / max(grad[STAT_TILES], 1)
+        out[f"fq/{name}/saturated"] = float(fwd[STAT_SATURATED] + grad[STAT_SATURATED])
+        out[f"fq/{name}/nonfinite"] = float(fwd[STAT_NONFINITE] + grad[STAT_NONFINITE])
+        total_tiles += fwd[STAT_TILES] + grad[STAT_TILES]
+        total_fb += fwd[STAT_FALLBACK] + grad[STAT_FALLBACK]
+        total_sat += fwd[STAT_SATURATED] + grad[STAT_SATURATED]
+        total_nf += fwd[STAT_NONFINITE] + grad[STAT_NONFINITE]
+        total_crushed += fwd[STAT_CRUSHED] + grad[STAT_CRUSHED]
         if reset:
-            m._stats.zero_()
-            m._tiles = [0, 0]
+            m.fq_stats.zero_()
     ratio = total_fb / max(total_tiles, 1)
     out.update({"fallback_ratio": ratio, "fq/fallback_ratio": ratio, "fq/saturated": float(total_sat),
                 "fq/nonfinite": float(total_nf), "fq/crushed_tiles": float(total_crushed)})

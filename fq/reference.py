@@ -21,8 +21,9 @@ from dataclasses import dataclass
 import torch
 
 QMAX = 127.0
-# Entries of the per-call stats vector.
-STAT_FALLBACK, STAT_CRUSHED, STAT_SATURATED, STAT_NONFINITE = range(4)
+# Entries of the stats vector: counts of one quantization, or a layer's running totals.
+STAT_FALLBACK, STAT_CRUSHED, STAT_SATURATED, STAT_NONFINITE, STAT_TILES = range(5)
+NUM_STATS = 5
 
 
 @dataclass
@@ -32,10 +33,10 @@ class TileQuant:
     q: torch.Tensor  # (M, K) int8: round(a / s[m]) in plain tiles, q1 in fallback tiles
     q2: torch.Tensor  # (M, K) int8 residual digit; defined in fallback tiles only
     scale: torch.Tensor  # (M,) fp32 row scale s[m]; NaN where the row holds NaN/Inf
-    flags: torch.Tensor  # (Mt, Kt) bool: fallback tiles
+    flags: torch.Tensor  # (Mt, Kt) fallback tiles: bool here, int8 0/1 from the Triton path
     c1: torch.Tensor  # (Mt, Kt) fp32 tile multiplier of q (0 in plain tiles)
     c2: torch.Tensor  # (Mt, Kt) fp32 tile multiplier of q2 (0 in plain tiles)
-    stats: torch.Tensor  # (4,) int64: fallback tiles, crushed tiles, saturated values, non-finite values
+    stats: torch.Tensor  # (5,) int64: fallback tiles, crushed tiles, saturated values, non-finite values, tiles
     tile: int
     qt: torch.Tensor | None = None  # (K, M) int8: round(a / scale_t[m]) transposed, for the weight gradient
     scale_t: torch.Tensor | None = None  # (M,) fp32 absmax(row) / 127 (no fallback); NaN on NaN/Inf rows
@@ -117,7 +118,7 @@ def tile_stats(x: torch.Tensor, tile: int, threshold: torch.Tensor | float, base
                fallback: bool):
     """Per-(row, K-tile) absmax, fallback flags, and the counts of one pass over x (M, K).
 
-    Returns rowmax (M, Kt) fp32 (inf where a NaN/Inf sits), flags (Mt, Kt) bool, and stats (4,)
+    Returns rowmax (M, Kt) fp32 (inf where a NaN/Inf sits), flags (Mt, Kt) bool, and stats (5,)
     int64 with the saturated entry still 0 (quantization fills it)."""
     return _tile_stats(_tiles(x, tile), *x.shape, tile, threshold, base_threshold, fallback)
 
@@ -147,7 +148,9 @@ def _tile_stats(xt: torch.Tensor, m: int, k: int, tile: int, threshold, base_thr
 
     flags = over(threshold) & finite if fallback else torch.zeros_like(finite)
     crushed = over(base_threshold) & finite & ~flags
-    stats = torch.stack([flags.sum(), crushed.sum(), torch.zeros_like(flags.sum()), tile_nonfinite.sum()]).long()
+    n = flags.sum()
+    stats = torch.stack([n, crushed.sum(), torch.zeros_like(n), tile_nonfinite.sum(),
+                         torch.full_like(n, flags.numel())]).long()
     return rowmax.transpose(1, 2).reshape(-1, xt.shape[1])[:m], flags, stats
 
 
@@ -172,7 +175,7 @@ def quantize_act(x: torch.Tensor, tile: int, threshold: torch.Tensor | float, ba
                  stats: torch.Tensor | None = None) -> TileQuant:
     """Quantize an activation operand (M, K) along its rows, with fallback tiles; `transposed`
     also returns the plain row-wise (K, M) digits the weight-gradient GEMM reads. The counts are
-    added into `stats` (int64 (4,), e.g. a layer's running totals) when given, else returned fresh."""
+    added into `stats` (int64 (5,), e.g. a layer's running totals) when given, else returned fresh."""
     xt = _tiles(x, tile)
     rowmax, flags, call_stats = _tile_stats(xt, *x.shape, tile, threshold, base_threshold, fallback)
     a = quantize_with_flags(x, xt, rowmax, flags, call_stats, tile, seed, transposed)
@@ -265,7 +268,8 @@ def quantize_cols_t(x: torch.Tensor, row_mult: torch.Tensor | None = None,
 def tail_matrix(a: TileQuant, q: torch.Tensor | None = None, q2: torch.Tensor | None = None) -> torch.Tensor | None:
     """float64 (M, K): what fallback tiles add on top of the plain INT8 product of q (default a.q);
     None if there are none."""
-    if not bool(a.flags.any()):
+    flags = a.flags.bool()  # also takes the Triton path's int8 flags
+    if not bool(flags.any()):
         return None
     q = a.q if q is None else q
     q2 = a.q2 if q2 is None else q2
@@ -273,7 +277,7 @@ def tail_matrix(a: TileQuant, q: torch.Tensor | None = None, q2: torch.Tensor | 
     t = a.tile
 
     def expand(v):
-        v = torch.where(a.flags, v, torch.zeros_like(v))
+        v = torch.where(flags, v, torch.zeros_like(v))
         return v.repeat_interleave(t, 0).repeat_interleave(t, 1)[:m, :k].double()
 
     return expand(a.c1 - 1.0) * q.double() + expand(a.c2) * q2.double()

@@ -12,21 +12,61 @@
   list and added in float32. The weight-gradient GEMM runs it without fallback (plain row-wise X).
 
 Each wrapper mirrors the reference function of the same name. Rounding: ties to even through the
-1.5 * 2**23 trick (exact IEEE float32 adds); divisions are div_rn; FMA contraction is off in the
-quantize kernels so residuals match torch bit for bit.
+1.5 * 2**23 trick (exact IEEE float32 adds); divisions are div_rn; products that feed a rounding or
+a residual are mul_rn, which is never fused into an FMA, so digits and residuals match torch bit
+for bit whoever compiles the kernel (torch.compile does, with FMA contraction on).
+
+Inside the ops of fq/ops.py every launch goes through `torch.library.wrap_triton`, so
+torch.compile traces it and its generated code launches the kernel; in eager mode the wrappers
+launch the kernels directly.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
+from torch.library import wrap_triton
 
 from fq.reference import SPREAD, TileQuant, num_tiles
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_NO_FMA = {} if INTERPRET else {"enable_fp_fusion": False}
+
+
+_TRACEABLE = [False]
+
+
+@contextlib.contextmanager
+def traceable_launches():
+    """Launch through `torch.library.wrap_triton` inside (fq/ops.py's op bodies), so torch.compile
+    can trace the launches; outside, launch the kernels directly (wrap_triton would add host time)."""
+    _TRACEABLE[0] = True
+    try:
+        yield
+    finally:
+        _TRACEABLE[0] = False
+
+
+def _traceable(kernel):
+    # The interpreter's kernels are not JITFunctions, and nothing compiles them anyway. Wrapped
+    # afresh each time: a wrapper holds an index into dynamo's kernel table, which
+    # torch._dynamo.reset() clears.
+    if INTERPRET or not _TRACEABLE[0]:
+        return kernel
+    return wrap_triton(kernel)
+
+
+if INTERPRET:  # numpy float32 products are single roundings already; libdevice has no interpreter
+    @triton.jit
+    def _mul(a, b):
+        return a * b
+else:
+    @triton.jit
+    def _mul(a, b):
+        return libdevice.mul_rn(a, b)
 
 
 @triton.jit
@@ -60,7 +100,7 @@ def _act_stats_kernel(x_ptr, s_xm, s_xk, M, K, KT, thr_ptr, base_thr, rowmax_ptr
     sumsq = tl.sum(tl.sum(ax * ax, axis=1), axis=0)
     count = (tl.minimum(M - pid_m * TILE, TILE) * tl.minimum(K - pid_k * TILE, TILE)).to(tl.float32)
     lhs = amax * amax * count
-    thr = tl.load(thr_ptr)
+    thr = tl.load(thr_ptr).to(tl.float32)
     flag = (lhs > thr * thr * sumsq) & finite
     if not FALLBACK:
         flag = flag & False
@@ -68,6 +108,8 @@ def _act_stats_kernel(x_ptr, s_xm, s_xk, M, K, KT, thr_ptr, base_thr, rowmax_ptr
     tl.store(flags_ptr + pid_m * KT + pid_k, flag.to(tl.int8))
     tl.atomic_add(stats_ptr + 0, flag.to(tl.int64))
     tl.atomic_add(stats_ptr + 1, crushed.to(tl.int64))
+    if (pid_m == 0) & (pid_k == 0):
+        tl.atomic_add(stats_ptr + 4, (tl.num_programs(0) * tl.num_programs(1)).to(tl.int64))
     if not finite:
         tl.atomic_add(stats_ptr + 3, tl.sum(tl.sum((ax == float("inf")).to(tl.int32), axis=1), axis=0).to(tl.int64))
 
@@ -128,7 +170,7 @@ def _act_quant_kernel(x_ptr, s_xm, s_xk, M, K, KT, inv_ptr, flags_ptr, q_ptr, q2
     mask = (rows[:, None] < M) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None] * s_xm + cols[None, :] * s_xk, mask=mask, other=0.0).to(tl.float32)
     inv = tl.load(inv_ptr + rows, mask=rows < M, other=1.0)
-    z = x * inv[:, None]
+    z = _mul(x, inv[:, None])
     z = tl.where((z == z) & (tl.abs(z) < float("inf")), z, 0.0)
     flag = tl.load(flags_ptr + pid_m * KT + pid_k) != 0
     offs = rows[:, None] * K + cols[None, :]
@@ -138,7 +180,7 @@ def _act_quant_kernel(x_ptr, s_xm, s_xk, M, K, KT, inv_ptr, flags_ptr, q_ptr, q2
         az = tl.max(tl.max(tl.abs(z), axis=1), axis=0)
         c1 = tl.math.div_rn(az, 127.0)
         inv1 = tl.where(az > 0, tl.math.div_rn(127.0, az), 1.0)
-        q = _round(z * inv1, seed, offs, STOCHASTIC)
+        q = _round(_mul(z, inv1), seed, offs, STOCHASTIC)
     else:
         q = _round(z, seed, offs, STOCHASTIC)
     if STOCHASTIC:  # round-to-nearest of |z| <= 127 cannot exceed 127
@@ -146,16 +188,16 @@ def _act_quant_kernel(x_ptr, s_xm, s_xk, M, K, KT, inv_ptr, flags_ptr, q_ptr, q2
     q = tl.minimum(tl.maximum(q, -127.0), 127.0)
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], q.to(tl.int8), mask=mask)
     if TRANSPOSED:  # (K, M) plain row-wise digits at the whole row's scale: the weight gradient's B
-        zt = x * tl.load(inv_t_ptr + rows, mask=rows < M, other=1.0)[:, None]
+        zt = _mul(x, tl.load(inv_t_ptr + rows, mask=rows < M, other=1.0)[:, None])
         zt = tl.where((zt == zt) & (tl.abs(zt) < float("inf")), zt, 0.0)
         qt = tl.minimum(tl.maximum(_round(zt, seed, offs, STOCHASTIC), -127.0), 127.0)
         tl.store(qt_ptr + cols[None, :] * M + rows[:, None], qt.to(tl.int8), mask=mask)
     if flag:
-        resid = z - q * c1
+        resid = z - _mul(q, c1)
         ar = tl.max(tl.max(tl.abs(resid), axis=1), axis=0)
         c2 = tl.math.div_rn(ar, 127.0)
         inv2 = tl.where(ar > 0, tl.math.div_rn(127.0, ar), 0.0)
-        r2 = _round(resid * inv2, seed + 1, offs, STOCHASTIC)
+        r2 = _round(_mul(resid, inv2), seed + 1, offs, STOCHASTIC)
         if STOCHASTIC:
             tl.atomic_add(stats_ptr + 2, tl.sum(tl.sum((tl.abs(r2) > 127.0).to(tl.int32), axis=1), axis=0).to(tl.int64))
         q2 = tl.minimum(tl.maximum(r2, -127.0), 127.0)
@@ -179,7 +221,7 @@ def _line_quant_kernel(x_ptr, s_l, s_d, L, D, mult_ptr, q_ptr, scale_ptr, seed,
         mask = lmask[:, None] & (d0 + ds[None, :] < D)
         y = tl.load(x_ptr + lines[:, None] * s_l + (d0 + ds)[None, :] * s_d, mask=mask, other=0.0).to(tl.float32)
         if HAS_MULT:
-            y = y * tl.load(mult_ptr + d0 + ds, mask=d0 + ds < D, other=1.0)[None, :]
+            y = _mul(y, tl.load(mult_ptr + d0 + ds, mask=d0 + ds < D, other=1.0)[None, :])
         ay = tl.abs(y)
         acc = tl.maximum(acc, tl.where((y != y) | (ay == float("inf")), float("inf"), ay))
     am = tl.max(acc, axis=1)
@@ -191,8 +233,8 @@ def _line_quant_kernel(x_ptr, s_l, s_d, L, D, mult_ptr, q_ptr, scale_ptr, seed,
         mask = lmask[:, None] & (d0 + ds[None, :] < D)
         y = tl.load(x_ptr + lines[:, None] * s_l + (d0 + ds)[None, :] * s_d, mask=mask, other=0.0).to(tl.float32)
         if HAS_MULT:
-            y = y * tl.load(mult_ptr + d0 + ds, mask=d0 + ds < D, other=1.0)[None, :]
-        z = y * inv[:, None]
+            y = _mul(y, tl.load(mult_ptr + d0 + ds, mask=d0 + ds < D, other=1.0)[None, :])
+        z = _mul(y, inv[:, None])
         z = tl.where((z == z) & (tl.abs(z) < float("inf")), z, 0.0)
         offs = lines[:, None] * D + (d0 + ds)[None, :]
         q = tl.minimum(tl.maximum(_round(z, seed, offs, STOCHASTIC), -127.0), 127.0).to(tl.int8)
@@ -291,6 +333,7 @@ def _gemm(a, a_strides, b, b_strides, m, n, k, sa, sb, fb, fallback: TileQuant |
     return (C, compiled kernel) so benchmarks can read registers and spills."""
     c = torch.empty(m, n, dtype=out_dtype, device=a.device)
     kernel, meta = (_fq_gemm_kernel, config) if config else _gemm_launcher(tile, fb)
+    kernel = kernel if config else _traceable(kernel)
     if fallback is not None:
         residual, count, order = fallback.q2, fallback.count, fallback.order
         o_strides = (order.stride(0), order.stride(1))
@@ -348,14 +391,15 @@ def tile_stats(x: torch.Tensor, tile: int, threshold: torch.Tensor | float, base
     rowmax = torch.empty(m, kt, dtype=torch.float32, device=x.device)
     flags = torch.empty(mt, kt, dtype=torch.int8, device=x.device)
     if stats is None:
-        stats = torch.zeros(4, dtype=torch.int64, device=x.device)
+        stats = torch.zeros(5, dtype=torch.int64, device=x.device)
     if isinstance(threshold, torch.Tensor):
         thr = threshold.reshape(1)
     else:  # a fill on the device, not a host-to-device copy
         thr = torch.full((1,), float(threshold), dtype=torch.float32, device=x.device)
-    _act_stats_kernel[(mt, kt)](x, x.stride(0), x.stride(1), m, k, kt, thr, float(base_threshold), rowmax, flags,
-                                stats, TILE=tile, FALLBACK=fallback, num_warps=8 if tile == 128 else 4)
-    return rowmax, flags.view(torch.bool), stats
+    _traceable(_act_stats_kernel)[(mt, kt)](x, x.stride(0), x.stride(1), m, k, kt, thr, float(base_threshold),
+                                            rowmax, flags, stats, TILE=tile, FALLBACK=fallback,
+                                            num_warps=8 if tile == 128 else 4)
+    return rowmax, flags, stats
 
 
 def quantize_act(x: torch.Tensor, tile: int, threshold: torch.Tensor | float, base_threshold: float,
@@ -366,24 +410,26 @@ def quantize_act(x: torch.Tensor, tile: int, threshold: torch.Tensor | float, ba
     dev = x.device
     rowmax, flags, stats = tile_stats(x, tile, threshold, base_threshold, fallback, stats)
     mt, kt = flags.shape
-    scales = torch.empty(4 if transposed else 2, m, dtype=torch.float32, device=dev)
-    scale, inv, *whole_rows = scales.unbind(0)
-    scale_all, inv_all = whole_rows or (scale, inv)  # the whole rows' scales, written only if transposed
+    scale, inv = torch.empty(2, m, dtype=torch.float32, device=dev).unbind(0)
+    # The whole rows' scales (the weight gradient's X), written only if transposed; their own
+    # tensors, since scale_t leaves the op (fq/ops.py) and an op's outputs may not be views.
+    scale_all, inv_all = ((torch.empty(m, dtype=torch.float32, device=dev) for _ in range(2)) if transposed
+                          else (scale, inv))
     count = torch.empty(mt, dtype=torch.int32, device=dev)
     order = torch.empty(mt, kt, dtype=torch.int32, device=dev)
     block_r = 32  # divides every tile size, so each tile row's list has one first program
-    _scales_kernel[(triton.cdiv(m, block_r),)](rowmax, flags, scale, inv, scale_all, inv_all, count, order, m, kt,
-                                               WRITE_ALL=transposed, TILE=tile, BLOCK_R=block_r,
-                                               BLOCK_J=min(triton.next_power_of_2(kt), 128),
-                                               BLOCK_T=max(triton.next_power_of_2(kt), 16), SPREAD=SPREAD, **_NO_FMA)
+    _traceable(_scales_kernel)[(triton.cdiv(m, block_r),)](
+        rowmax, flags, scale, inv, scale_all, inv_all, count, order, m, kt, WRITE_ALL=transposed, TILE=tile,
+        BLOCK_R=block_r, BLOCK_J=min(triton.next_power_of_2(kt), 128), BLOCK_T=max(triton.next_power_of_2(kt), 16),
+        SPREAD=SPREAD)
     q = torch.empty(m, k, dtype=torch.int8, device=dev)
     q2 = torch.empty(m, k, dtype=torch.int8, device=dev)
     c1 = torch.empty(mt, kt, dtype=torch.float32, device=dev)
     c2 = torch.empty(mt, kt, dtype=torch.float32, device=dev)
     qt = torch.empty(k, m, dtype=torch.int8, device=dev) if transposed else q
-    _act_quant_kernel[(mt, kt)](x, x.stride(0), x.stride(1), m, k, kt, inv, flags, q, q2, qt, inv_all, c1, c2, stats,
-                                seed or 0, TILE=tile, STOCHASTIC=seed is not None, TRANSPOSED=transposed,
-                                num_warps=8 if tile == 128 else 4, **_NO_FMA)
+    _traceable(_act_quant_kernel)[(mt, kt)](
+        x, x.stride(0), x.stride(1), m, k, kt, inv, flags, q, q2, qt, inv_all, c1, c2, stats, seed or 0, TILE=tile,
+        STOCHASTIC=seed is not None, TRANSPOSED=transposed, num_warps=8 if tile == 128 else 4)
     return TileQuant(q, q2, scale, flags, c1, c2, stats, tile, qt if transposed else None,
                      scale_all if transposed else None, count, order)
 
@@ -402,10 +448,9 @@ def _quantize_lines(x: torch.Tensor, lines: int, length: int, s_line: int, s_ele
     else:
         bl = 8 if lines <= 2048 else 16 if lines < 8192 else 32
         bd, warps = (512, 8) if bl == 8 else (512, 4) if bl == 16 else (256, 4)
-    _line_quant_kernel[(triton.cdiv(lines, bl),)](x, s_line, s_elem, lines, length, mult if mult is not None else scale,
-                                                  q, scale, seed or 0, HAS_MULT=mult is not None,
-                                                  STOCHASTIC=seed is not None, BLOCK_L=bl, BLOCK_D=bd, num_warps=warps,
-                                                  **_NO_FMA)
+    _traceable(_line_quant_kernel)[(triton.cdiv(lines, bl),)](
+        x, s_line, s_elem, lines, length, mult if mult is not None else scale, q, scale, seed or 0,
+        HAS_MULT=mult is not None, STOCHASTIC=seed is not None, BLOCK_L=bl, BLOCK_D=bd, num_warps=warps)
     return q, scale
 
 

@@ -35,7 +35,7 @@ def tile_mask(flags, tile, m, k):
 
 
 def assert_same_quant(a, b, m, k):
-    assert torch.equal(a.flags, b.flags)
+    assert torch.equal(a.flags, b.flags.bool())  # the Triton path keeps them as int8 0/1
     assert torch.equal(a.q, b.q)
     assert torch.equal(a.scale, b.scale)
     assert torch.equal(a.c1, b.c1) and torch.equal(a.c2, b.c2)
@@ -182,3 +182,21 @@ def test_fqlinear_triton_path_matches_reference_path():
     for key in ("fallback_ratio", "fq/saturated", "fq/nonfinite", "fq/crushed_tiles"):
         assert sr[key] == st[key], key
     assert sr["fallback_ratio"] > 0
+
+
+def test_compile_op_matches_eager_path():
+    """fq/ops.py's op, which torch.compile traces (here run eagerly), computes what the eager
+    path computes: outputs, gradients, telemetry and budget thresholds."""
+    from fq import ops
+    cfg = FQConfig(tile=32, fallback="budget", budget=0.2)
+    a = FQLinear(64, 40, bias=False, config=cfg, backend="triton").to(DEV)
+    b = FQLinear.from_linear(a, cfg, "b", "triton")  # same weight, its own totals and thresholds
+    x = with_outliers(70, 64, seed=12)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya, yb = a(xa), ops.fq_linear(xb, b.weight, b, torch.float32)
+    assert a.last_backend == "triton" and torch.equal(ya, yb)
+    g = rand(70, 40, seed=13)
+    for u, v in zip(torch.autograd.grad(ya, (xa, a.weight), g), torch.autograd.grad(yb, (xb, b.weight), g)):
+        assert torch.equal(u, v)
+    assert torch.equal(a.fq_stats, b.fq_stats) and torch.equal(a.fq_thr, b.fq_thr)
+    assert int(a.fq_stats[:, R.STAT_FALLBACK].sum()) > 0 and float(a.fq_thr.max()) > THR

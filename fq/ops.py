@@ -1,0 +1,80 @@
+"""The Triton path of FQLinear as torch.library ops, so torch.compile traces through FQ layers.
+
+`fq::linear` (forward) and `fq::linear_backward` are `triton_op`s: under torch.compile inductor
+traces their bodies (fq/triton_kernels.py's wrappers, launching through wrap_triton) and
+launches the kernels from its generated code, with no graph break around the layer and no
+Python per launch. Eager mode does not use them (FQLinear calls the same math directly; the op
+dispatch would only add host time). Both ops are functional: they return this call's counts,
+and the layer's running totals and budget thresholds are updated outside them (`account`), in
+the forward and in the autograd formula; that is what lets the forward op have one.
+Stochastic rounding stays on the eager path (a graph would freeze its seeds).
+"""
+from __future__ import annotations
+
+import torch
+from torch.library import triton_op
+
+from fq import triton_kernels
+from fq.linear import FORWARD, GRAD, account, linear_backward, linear_forward
+from fq.reference import NUM_STATS
+
+
+@triton_op("fq::linear", mutates_args=())
+def _linear(x: torch.Tensor, weight: torch.Tensor, thr: torch.Tensor, stats: torch.Tensor, tile: int,
+            threshold: float, fallback: bool, budget: float, grad_input: bool, grad_weight: bool,
+            out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y, X's INT8 for dW (qt, scale_t; empty unless grad_weight), counts. `stats`, `budget` and
+    `grad_input` are only carried to the backward."""
+    counts = torch.zeros(NUM_STATS, dtype=torch.int64, device=x.device)
+    with triton_kernels.traceable_launches():
+        y, qt, scale_t = linear_forward(triton_kernels, x, weight, thr, counts, tile, threshold, fallback, grad_weight,
+                                        out_dtype)
+    return y, qt, scale_t, counts
+
+
+@triton_op("fq::linear_backward", mutates_args=())
+def _linear_backward(dy: torch.Tensor, weight: torch.Tensor, qt: torch.Tensor, scale_t: torch.Tensor,
+                     x: torch.Tensor | None, thr: torch.Tensor, tile: int, threshold: float, fallback: bool,
+                     grad_input: bool, grad_weight: bool, need_dx: bool, need_dw: bool,
+                     x_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dX, dW (empty where not needed), counts."""
+    counts = torch.zeros(NUM_STATS, dtype=torch.int64, device=dy.device)
+    with triton_kernels.traceable_launches():
+        dx, dw = linear_backward(triton_kernels, dy, weight, qt, scale_t, x, thr, counts, tile, threshold, fallback,
+                                 grad_input, grad_weight, None, None, need_dx, need_dw, x_dtype)
+    empty = dy.new_empty(0)
+    return (empty if dx is None else dx), (empty if dw is None else dw), counts
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, thr, stats, tile, threshold, fallback, budget, grad_input, grad_weight, _ = inputs
+    _, qt, scale_t, counts = output
+    ctx.mark_non_differentiable(qt, scale_t, counts)
+    ctx.save_for_backward(weight, qt, scale_t, None if grad_weight else x)
+    # The layer's totals and thresholds: updated in place by the backward, not inputs to it.
+    ctx.stats, ctx.thr = stats, thr
+    ctx.args = (tile, threshold, fallback, grad_input, grad_weight)
+    ctx.budget, ctx.x_dtype = budget, x.dtype
+
+
+def _backward(ctx, dy, _qt, _scale_t, _counts):
+    weight, qt, scale_t, x = ctx.saved_tensors
+    tile, threshold, fallback, grad_input, grad_weight = ctx.args
+    need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dx, dw, counts = torch.ops.fq.linear_backward(dy, weight, qt, scale_t, x, ctx.thr, tile, threshold, fallback,
+                                                  grad_input, grad_weight, need_dx, need_dw, ctx.x_dtype)
+    account(ctx.stats, ctx.thr, GRAD, counts, threshold, ctx.budget)
+    return (dx if need_dx else None, dw if need_dw else None) + (None,) * 9
+
+
+_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fq_linear(x: torch.Tensor, weight: torch.Tensor, layer, out_dtype: torch.dtype) -> torch.Tensor:
+    """y = x @ weight.T through the op, with the layer's telemetry and thresholds."""
+    cfg = layer.fq_config
+    budget = cfg.budget if cfg.fallback == "budget" else 0.0
+    y, _, _, counts = torch.ops.fq.linear(x, weight, layer.fq_thr, layer.fq_stats, cfg.tile, cfg.threshold,
+                                          cfg.fallback != "none", budget, cfg.grad_input, cfg.grad_weight, out_dtype)
+    account(layer.fq_stats, layer.fq_thr, FORWARD, counts, cfg.threshold, budget)
+    return y
