@@ -31,7 +31,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 from torch.library import wrap_triton
 
-from fq.reference import SPREAD, TileQuant, num_tiles
+from fq.reference import NUM_STATS, SPREAD, TileQuant, num_tiles
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -43,11 +43,11 @@ _TRACEABLE = [False]
 def traceable_launches():
     """Launch through `torch.library.wrap_triton` inside (fq/ops.py's op bodies), so torch.compile
     can trace the launches; outside, launch the kernels directly (wrap_triton would add host time)."""
-    _TRACEABLE[0] = True
+    before, _TRACEABLE[0] = _TRACEABLE[0], True
     try:
         yield
     finally:
-        _TRACEABLE[0] = False
+        _TRACEABLE[0] = before
 
 
 def _traceable(kernel):
@@ -391,7 +391,7 @@ def tile_stats(x: torch.Tensor, tile: int, threshold: torch.Tensor | float, base
     rowmax = torch.empty(m, kt, dtype=torch.float32, device=x.device)
     flags = torch.empty(mt, kt, dtype=torch.int8, device=x.device)
     if stats is None:
-        stats = torch.zeros(5, dtype=torch.int64, device=x.device)
+        stats = torch.zeros(NUM_STATS, dtype=torch.int64, device=x.device)
     if isinstance(threshold, torch.Tensor):
         thr = threshold.reshape(1)
     else:  # a fill on the device, not a host-to-device copy
