@@ -198,16 +198,28 @@ class FQLinear(nn.Linear):
         # crc32, not hash(): str hashes change per process, seeds must not.
         return (zlib.crc32(self.fq_name.encode()) * 1000003 + self._seed_calls) % (2**31 - 1)
 
+    def budget(self) -> float:
+        """The target fallback ratio the thresholds adapt to; 0 unless fq.fallback=budget."""
+        return self.fq_config.budget if self.fq_config.fallback == "budget" else 0.0
+
+    def compile_blocker(self, on_gpu: bool) -> str | None:
+        """Why torch.compile runs this layer uncompiled; None when it traces fq/ops.py's op."""
+        if not (on_gpu and self.fq_backend == "triton"):
+            return "reference backend"
+        if self.fq_config.stochastic_rounding:
+            return "fq.stochastic_rounding=true: a graph would freeze its seeds"
+        return None
+
     def _counts(self, which: int) -> torch.Tensor:
         """Where an eager call adds its counts: straight into the running totals (no extra
         launch), except under the budget policy, which needs each call's own counts."""
-        if self.fq_config.fallback != "budget":
+        if not self.budget():
             return self.fq_stats[which]
         return torch.zeros(NUM_STATS, dtype=torch.int64, device=self.fq_stats.device)
 
     def _budget(self, which: int, counts: torch.Tensor) -> None:
-        if self.fq_config.fallback == "budget":
-            account(self.fq_stats, self.fq_thr, which, counts, self.fq_config.threshold, self.fq_config.budget)
+        if self.budget():
+            account(self.fq_stats, self.fq_thr, which, counts, self.fq_config.threshold, self.budget())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = _compute_dtype(x)
@@ -218,7 +230,7 @@ class FQLinear(nn.Linear):
         # CPU tensors take the reference, except under the Triton interpreter (tests).
         use_triton = self.fq_backend == "triton" and (x.is_cuda or _triton_ops().INTERPRET)
         self.last_backend = "triton" if use_triton else "reference"
-        if use_triton and torch.compiler.is_compiling() and not self.fq_config.stochastic_rounding:
+        if torch.compiler.is_compiling() and self.compile_blocker(x.is_cuda) is None:
             from fq import ops
 
             y = ops.fq_linear(x2, self.weight, self, dtype)

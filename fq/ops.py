@@ -73,7 +73,7 @@ _linear.register_autograd(_backward, setup_context=_setup_context)
 def fq_linear(x: torch.Tensor, weight: torch.Tensor, layer, out_dtype: torch.dtype) -> torch.Tensor:
     """y = x @ weight.T through the op, with the layer's telemetry and thresholds."""
     cfg = layer.fq_config
-    budget = cfg.budget if cfg.fallback == "budget" else 0.0
+    budget = layer.budget()
     y, _, _, counts = torch.ops.fq.linear(x, weight, layer.fq_thr, layer.fq_stats, cfg.tile, cfg.threshold,
                                           cfg.fallback != "none", budget, cfg.grad_input, cfg.grad_weight, out_dtype)
     account(layer.fq_stats, layer.fq_thr, FORWARD, counts, cfg.threshold, budget)

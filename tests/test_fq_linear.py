@@ -177,9 +177,10 @@ def test_gpu_uses_triton_under_autocast_and_matches_reference():
 
 
 def test_compiled_blocks_run_fq_layers_as_they_are(monkeypatch):
-    """train.compile compiles each block; its FQ layers run uncompiled inside (torch.compiler
-    .disable), so the compiled model computes what the eager one does and dynamo never traces
-    into the quantization code (it did: 66 graphs and 54 graph breaks for this model, vs 15 / 13)."""
+    """train.compile compiles each block; on the reference path (CPU) its FQ layers run
+    uncompiled inside (torch.compiler.disable), so the compiled model computes what the eager one
+    does and dynamo never traces into the quantization code (it did: 66 graphs and 54 graph
+    breaks for this model, vs 15 / 13). The GPU test below covers the traced Triton path."""
     from fq import reference
     traced = []
     quantize_act = reference.quantize_act

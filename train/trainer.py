@@ -167,13 +167,9 @@ class Trainer:
                 block.compile()
             fq_layers = [m for m in self.model.modules() if isinstance(m, fq.FQLinear)]
             if fq_layers:
-                if cfg.fq.stochastic_rounding:
-                    how = "run uncompiled inside the compiled blocks (fq.stochastic_rounding=true)"
-                elif fq_layers[0].fq_backend == "triton" and self.device.type == "cuda":
-                    how = "traced into the compiled blocks (fq/ops.py)"
-                else:
-                    how = "run uncompiled inside the compiled blocks (reference backend)"
-                log.info("train.compile: FQ layers %s", how)
+                why = fq_layers[0].compile_blocker(self.device.type == "cuda")
+                log.info("train.compile: FQ layers %s", "traced into the compiled blocks (fq/ops.py)" if why is None
+                         else f"run uncompiled inside the compiled blocks ({why})")
 
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
