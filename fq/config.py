@@ -14,12 +14,14 @@ class FQConfig:
     enabled: bool = True
     # Square tile edge: activation tiles are tested for outliers and fall back as a unit.
     tile: int = 128
-    # How outlier tiles are chosen: crest factor (absmax/rms) above `threshold`; "budget" also
-    # raises a layer's threshold on device while its fallback ratio exceeds `budget`; "none"
-    # disables fallback (plain row-scaled INT8, the ablation).
+    # How outlier tiles are chosen: a tile falls back when, in one of its rows, its absmax exceeds
+    # `threshold` x that row's median tile absmax (a channel outlier; a whole large token is left
+    # to its row scale); "budget" also raises a layer's threshold on device while its fallback
+    # ratio exceeds `budget`; "none" disables fallback (plain row-scaled INT8, the ablation).
     fallback: str = "threshold"
-    # Crest-factor threshold; Gaussian 128x128 tiles sit near 4.5, GLU outlier tiles far above.
-    threshold: float = 12.0
+    # Spike ratio: the row's median tile keeps >= 127 / threshold levels. Gaussian rows stay
+    # below ~2, GLU outlier channels sit at 100-10000.
+    threshold: float = 8.0
     # Target fraction of fallback tiles per layer and GEMM for fallback="budget".
     budget: float = 0.05
     # Per-GEMM switches: False keeps that backward GEMM in the compute dtype (BF16 on GPU).
@@ -42,7 +44,7 @@ class FQConfig:
         if self.backend not in BACKENDS:
             raise ValueError(f"fq.backend='{self.backend}': must be one of {BACKENDS}")
         if not self.threshold > 1.0:
-            raise ValueError(f"fq.threshold={self.threshold}: must be > 1 (a crest factor; 12 is a good start)")
+            raise ValueError(f"fq.threshold={self.threshold}: must be > 1 (a tile absmax over the row's median tile absmax; 8 is the default)")
         if not 0.0 < self.budget <= 1.0:
             raise ValueError(f"fq.budget={self.budget}: must be in (0, 1], e.g. 0.05")
         for key in ("include", "exclude"):

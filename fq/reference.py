@@ -1,7 +1,8 @@
 """Pure-torch FQ: the oracle the Triton kernels must match bit for bit, and the CPU path.
 
 Format (docs/fq.md): an activation operand A (M x K, K the contraction dim) is cut into square
-tiles. A tile whose crest factor absmax/rms exceeds the threshold "falls back". Plain tiles use a
+tiles. A tile in which some row's absmax exceeds `threshold` times that row's median tile absmax
+"falls back" (a channel outlier, see `spikes`). Plain tiles use a
 K-independent per-row scale s[m] computed without the fallback tiles, so the GEMM can apply
 row x column scales once, in the epilogue. A fallback tile is stored relative to that same row
 scale, z = a / s[m], as two INT8 digits with their own tile multipliers: z ~ c1*q + c2*q2
@@ -114,44 +115,46 @@ def scales_from_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return scale, inv
 
 
-def tile_stats(x: torch.Tensor, tile: int, threshold: torch.Tensor | float, base_threshold: float,
-               fallback: bool):
-    """Per-(row, K-tile) absmax, fallback flags, and the counts of one pass over x (M, K).
-
-    Returns rowmax (M, Kt) fp32 (inf where a NaN/Inf sits), flags (Mt, Kt) bool, and stats (5,)
-    int64 with the saturated entry still 0 (quantization fills it)."""
-    return _tile_stats(_tiles(x, tile), *x.shape, tile, threshold, base_threshold, fallback)
+def spikes(rowmax: torch.Tensor, threshold) -> torch.Tensor:
+    """(M, Kt) bool: the row's absmax in that K tile exceeds `threshold` times the row's median
+    tile absmax (the lower median over its Kt tiles). A whole large row (a token outlier) has
+    none, since its row scale absorbs it; a channel outlier is a spike in every row."""
+    kt = rowmax.shape[1]
+    med = rowmax.kthvalue((kt - 1) // 2 + 1, dim=1).values
+    thr = torch.as_tensor(threshold, dtype=torch.float32, device=rowmax.device)
+    return (rowmax > thr * med[:, None]) & (med > 0)[:, None]
 
 
 def _tile_stats(xt: torch.Tensor, m: int, k: int, tile: int, threshold, base_threshold: float, fallback: bool):
-    """tile_stats on x already cut into tiles (Mt, Kt, T, T)."""
+    """Per-(row, K-tile) absmax, fallback flags, and the counts of one pass over x (M, K), given
+    cut into tiles (Mt, Kt, T, T). A tile falls back when one of its rows has a spike there
+    (`spikes`) and it holds no NaN/Inf (those must reach the row scale).
+
+    Returns rowmax (M, Kt) fp32 (inf where a NaN/Inf sits), flags (Mt, Kt) bool, and stats (5,)
+    int64 with the saturated entry still 0 (quantization fills it)."""
     dev = xt.device
+    mt, kt = xt.shape[:2]
     ax = xt.abs()
     rowmax = ax.amax(dim=3)  # (Mt, Kt, T)
-    tile_nonfinite = torch.zeros(xt.shape[:2], dtype=torch.int64, device=dev)
+    tile_nonfinite = torch.zeros(mt, kt, dtype=torch.int64, device=dev)
     if not bool(torch.isfinite(rowmax).all()):
         nonfinite = ~torch.isfinite(xt)
         tile_nonfinite = nonfinite.flatten(2).sum(dim=2)
-        ax = torch.where(nonfinite, torch.zeros_like(ax), ax)
-        rowmax = torch.where(nonfinite.any(dim=3), torch.full_like(rowmax, float("inf")), ax.amax(dim=3))
-    amax = _tile_amax(ax)
-    sumsq = (ax * ax).flatten(2).sum(dim=2)
-    rows = torch.clamp(m - torch.arange(xt.shape[0], device=dev) * tile, max=tile)
-    cols = torch.clamp(k - torch.arange(xt.shape[1], device=dev) * tile, max=tile)
-    count = (rows[:, None] * cols[None, :]).float()
+        rowmax = torch.where(nonfinite.any(dim=3), torch.full_like(rowmax, float("inf")), rowmax)
+    rowmax = rowmax.transpose(1, 2).reshape(-1, kt)[:m]  # (M, Kt)
     finite = tile_nonfinite == 0
-    lhs = amax * amax * count
 
-    def over(thr):
-        thr = torch.as_tensor(thr, dtype=torch.float32, device=dev)
-        return lhs > thr * thr * sumsq
+    def tiles_with_spikes(thr):
+        s = torch.zeros(mt * tile, kt, dtype=torch.bool, device=dev)
+        s[:m] = spikes(rowmax, thr)
+        return s.view(mt, tile, kt).any(dim=1) & finite
 
-    flags = over(threshold) & finite if fallback else torch.zeros_like(finite)
-    crushed = over(base_threshold) & finite & ~flags
+    flags = tiles_with_spikes(threshold) if fallback else torch.zeros_like(finite)
+    crushed = tiles_with_spikes(base_threshold) & ~flags
     n = flags.sum()
     stats = torch.stack([n, crushed.sum(), torch.zeros_like(n), tile_nonfinite.sum(),
                          torch.full_like(n, flags.numel())]).long()
-    return rowmax.transpose(1, 2).reshape(-1, xt.shape[1])[:m], flags, stats
+    return rowmax, flags, stats
 
 
 # A row's scale is at least absmax(row) / SPREAD, so in its fallback tiles z = a / s[m] stays

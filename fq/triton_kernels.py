@@ -1,9 +1,10 @@
 """Triton kernels for FQ: the GPU path. Same format and results as fq/reference.py.
 
 - `_act_stats_kernel`, `_scales_kernel`, `_act_quant_kernel`: an activation in three launches.
-  One program per tile finds per-row absmax and the fallback flag (crest factor); the row scales
-  over the plain tiles follow from that small (M, Kt) array, together with each tile row's list
-  of fallback tiles for the GEMM; one program per tile then writes INT8 digits and multipliers.
+  One program per tile finds per-row absmax; one per tile row takes the fallback flags (spikes
+  over the row's median tile absmax) and the row scales over the plain tiles from that small
+  (M, Kt) array, with the tile row's list of fallback tiles for the GEMM; one program per tile
+  then writes INT8 digits and multipliers.
   Counts go by atomics straight into the caller's running totals (no extra launch).
 - `_line_quant_kernel`: per-row or per-column INT8 (weights, and dY for the weight gradient) in
   one launch: each program owns whole lines and reads them twice.
@@ -84,70 +85,64 @@ def _round(z, seed, offs, STOCHASTIC: tl.constexpr):
 
 
 @triton.jit
-def _act_stats_kernel(x_ptr, s_xm, s_xk, M, K, KT, thr_ptr, base_thr, rowmax_ptr, flags_ptr, stats_ptr,
-                      TILE: tl.constexpr, FALLBACK: tl.constexpr):
+def _act_stats_kernel(x_ptr, s_xm, s_xk, M, K, KT, rowmax_ptr, stats_ptr, TILE: tl.constexpr):
+    """Per tile: each row's absmax (inf where a NaN/Inf sits) and the non-finite count."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_m * TILE + tl.arange(0, TILE)
     cols = pid_k * TILE + tl.arange(0, TILE)
     mask = (rows[:, None] < M) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None] * s_xm + cols[None, :] * s_xk, mask=mask, other=0.0).to(tl.float32)
-    ax = tl.where(x != x, float("inf"), tl.abs(x))  # NaN/Inf -> inf: marks the row, fails the crest test
+    ax = tl.where(x != x, float("inf"), tl.abs(x))
     rowmax = tl.max(ax, axis=1)
     tl.store(rowmax_ptr + rows * KT + pid_k, rowmax, mask=rows < M)
-    amax = tl.max(rowmax, axis=0)
-    finite = amax < float("inf")
-    sumsq = tl.sum(tl.sum(ax * ax, axis=1), axis=0)
-    count = (tl.minimum(M - pid_m * TILE, TILE) * tl.minimum(K - pid_k * TILE, TILE)).to(tl.float32)
-    lhs = amax * amax * count
-    thr = tl.load(thr_ptr).to(tl.float32)
-    flag = (lhs > thr * thr * sumsq) & finite
-    if not FALLBACK:
-        flag = flag & False
-    crushed = (lhs > base_thr * base_thr * sumsq) & finite & (~flag)
-    tl.store(flags_ptr + pid_m * KT + pid_k, flag.to(tl.int8))
-    tl.atomic_add(stats_ptr + 0, flag.to(tl.int64))
-    tl.atomic_add(stats_ptr + 1, crushed.to(tl.int64))
     if (pid_m == 0) & (pid_k == 0):
         tl.atomic_add(stats_ptr + 4, (tl.num_programs(0) * tl.num_programs(1)).to(tl.int64))
-    if not finite:
+    if tl.max(rowmax, axis=0) == float("inf"):
         tl.atomic_add(stats_ptr + 3, tl.sum(tl.sum((ax == float("inf")).to(tl.int32), axis=1), axis=0).to(tl.int64))
 
 
 @triton.jit
-def _scales_kernel(absmax_ptr, flags_ptr, scale_ptr, inv_ptr, scale_all_ptr, inv_all_ptr, count_ptr, order_ptr, R, J,
-                   WRITE_ALL: tl.constexpr, TILE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr,
-                   BLOCK_T: tl.constexpr, SPREAD: tl.constexpr):
-    """Row scales of an activation from its (R, J) tile-row absmax, skipping fallback tiles
-    (flags (R // TILE, J)) and floored at absmax(row) / SPREAD, as reference.row_scales.
-    WRITE_ALL also writes the whole rows' scales (the weight gradient's X). The first program of
-    each tile row also writes the GEMM's fallback list for it: the count, then the flagged K
-    tiles in order (entries past the count are unused)."""
+def _tiles_with_spikes(v, med, thr, mask, finite):
+    """reference.spikes, reduced to K tiles: some row of the tile row spikes there."""
+    spike = (v > thr * med[:, None]) & (med > 0)[:, None] & mask
+    return (tl.max(spike.to(tl.int32), axis=0) > 0) & finite
+
+
+@triton.jit
+def _scales_kernel(rowmax_ptr, thr_ptr, base_thr, flags_ptr, scale_ptr, inv_ptr, scale_all_ptr, inv_all_ptr,
+                   count_ptr, order_ptr, stats_ptr, M, KT, FALLBACK: tl.constexpr, WRITE_ALL: tl.constexpr,
+                   TILE: tl.constexpr, BLOCK_T: tl.constexpr, SPREAD: tl.constexpr):
+    """One program per tile row, from its (TILE, Kt) row absmax: the fallback flags (a spike
+    over threshold x the row's median tile absmax, as reference.spikes), the row scales over the
+    plain tiles, floored at absmax(row) / SPREAD, as reference.row_scales (WRITE_ALL: also the
+    whole rows' scales, the weight gradient's X), and the GEMM's fallback list (the count, then
+    the flagged K tiles in order; entries past the count are unused)."""
     pid = tl.program_id(0)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    js = tl.arange(0, BLOCK_J)
-    rmask = rows < R
-    # Elementwise max across the loop, one reduction after it (a reduction inside the loop
-    # crashed Triton 3.6's TritonGPUOptimizeThreadLocality pass).
-    acc = tl.zeros((BLOCK_R, BLOCK_J), dtype=tl.float32)
-    acc_all = tl.zeros((BLOCK_R, BLOCK_J), dtype=tl.float32)
-    for j0 in range(0, J, BLOCK_J):
-        mask = rmask[:, None] & (j0 + js[None, :] < J)
-        v = tl.load(absmax_ptr + rows[:, None] * J + (j0 + js)[None, :], mask=mask, other=0.0)
-        acc_all = tl.maximum(acc_all, v)
-        f = tl.load(flags_ptr + (rows[:, None] // TILE) * J + (j0 + js)[None, :], mask=mask, other=0)
-        acc = tl.maximum(acc, tl.where(f != 0, 0.0, v))
-    am_all = tl.max(acc_all, axis=1)
-    am = tl.maximum(tl.max(acc, axis=1), am_all / SPREAD)
+    rows = pid * TILE + tl.arange(0, TILE)
+    ks = tl.arange(0, BLOCK_T)
+    rmask = rows < M
+    kmask = ks < KT
+    mask = rmask[:, None] & kmask[None, :]
+    v = tl.load(rowmax_ptr + rows[:, None] * KT + ks[None, :], mask=mask, other=0.0)
+    srt = tl.sort(tl.where(kmask[None, :], v, float("inf")), dim=1)
+    med = tl.sum(tl.where(ks[None, :] == (KT - 1) // 2, srt, 0.0), axis=1)  # the lower median
+    finite = (tl.max((mask & (v == float("inf"))).to(tl.int32), axis=0) == 0) & kmask
+    flag = _tiles_with_spikes(v, med, tl.load(thr_ptr).to(tl.float32), mask, finite)
+    if not FALLBACK:
+        flag = flag & False
+    crushed = _tiles_with_spikes(v, med, base_thr, mask, finite) & (~flag)
+    tl.store(flags_ptr + pid * KT + ks, flag.to(tl.int8), mask=kmask)
+    tl.atomic_add(stats_ptr + 0, tl.sum(flag.to(tl.int32), axis=0).to(tl.int64))
+    tl.atomic_add(stats_ptr + 1, tl.sum(crushed.to(tl.int32), axis=0).to(tl.int64))
+    am_all = tl.max(v, axis=1)
+    am = tl.maximum(tl.max(tl.where(flag[None, :], 0.0, v), axis=1), am_all / SPREAD)
     if WRITE_ALL:
         _store_scales(am_all, scale_all_ptr, inv_all_ptr, rows, rmask)
     _store_scales(am, scale_ptr, inv_ptr, rows, rmask)
-    if (pid * BLOCK_R) % TILE == 0:
-        tr = (pid * BLOCK_R) // TILE
-        ks = tl.arange(0, BLOCK_T)
-        f = (tl.load(flags_ptr + tr * J + ks, mask=ks < J, other=0) != 0).to(tl.int32)
-        tl.store(order_ptr + tr * J + tl.cumsum(f, axis=0) - 1, ks, mask=f != 0)
-        tl.store(count_ptr + tr, tl.sum(f, axis=0))
+    f = flag.to(tl.int32)
+    tl.store(order_ptr + pid * KT + tl.cumsum(f, axis=0) - 1, ks, mask=f != 0)
+    tl.store(count_ptr + pid, tl.sum(f, axis=0))
 
 
 @triton.jit
@@ -384,32 +379,25 @@ def int_sums(a_q: torch.Tensor, b_q: torch.Tensor) -> torch.Tensor:
                  None, (0, 0), torch.int32, 128)
 
 
-def tile_stats(x: torch.Tensor, tile: int, threshold: torch.Tensor | float, base_threshold: float, fallback: bool,
-               stats: torch.Tensor | None = None):
-    m, k = x.shape
-    mt, kt = num_tiles(m, tile), num_tiles(k, tile)
-    rowmax = torch.empty(m, kt, dtype=torch.float32, device=x.device)
-    flags = torch.empty(mt, kt, dtype=torch.int8, device=x.device)
-    if stats is None:
-        stats = torch.zeros(NUM_STATS, dtype=torch.int64, device=x.device)
-    if isinstance(threshold, torch.Tensor):
-        thr = threshold.reshape(1)
-    else:  # a fill on the device, not a host-to-device copy
-        thr = torch.full((1,), float(threshold), dtype=torch.float32, device=x.device)
-    _traceable(_act_stats_kernel)[(mt, kt)](x, x.stride(0), x.stride(1), m, k, kt, thr, float(base_threshold),
-                                            rowmax, flags, stats, TILE=tile, FALLBACK=fallback,
-                                            num_warps=8 if tile == 128 else 4)
-    return rowmax, flags, stats
-
-
 def quantize_act(x: torch.Tensor, tile: int, threshold: torch.Tensor | float, base_threshold: float,
                  fallback: bool, seed: int | None = None, transposed: bool = False,
                  stats: torch.Tensor | None = None) -> TileQuant:
-    """Three launches: tile stats, row scales (+ the GEMM's fallback lists), digits."""
+    """Three launches: row absmax per tile, flags and row scales (+ the GEMM's fallback lists),
+    digits."""
     m, k = x.shape
     dev = x.device
-    rowmax, flags, stats = tile_stats(x, tile, threshold, base_threshold, fallback, stats)
-    mt, kt = flags.shape
+    mt, kt = num_tiles(m, tile), num_tiles(k, tile)
+    if stats is None:
+        stats = torch.zeros(NUM_STATS, dtype=torch.int64, device=dev)
+    rowmax = torch.empty(m, kt, dtype=torch.float32, device=dev)
+    warps = 8 if tile == 128 else 4
+    _traceable(_act_stats_kernel)[(mt, kt)](x, x.stride(0), x.stride(1), m, k, kt, rowmax, stats, TILE=tile,
+                                            num_warps=warps)
+    if isinstance(threshold, torch.Tensor):
+        thr = threshold.reshape(1)
+    else:  # a fill on the device, not a host-to-device copy
+        thr = torch.full((1,), float(threshold), dtype=torch.float32, device=dev)
+    flags = torch.empty(mt, kt, dtype=torch.int8, device=dev)
     scale, inv = torch.empty(2, m, dtype=torch.float32, device=dev).unbind(0)
     # The whole rows' scales (the weight gradient's X), written only if transposed; their own
     # tensors, since scale_t leaves the op (fq/ops.py) and an op's outputs may not be views.
@@ -417,11 +405,11 @@ def quantize_act(x: torch.Tensor, tile: int, threshold: torch.Tensor | float, ba
                           else (scale, inv))
     count = torch.empty(mt, dtype=torch.int32, device=dev)
     order = torch.empty(mt, kt, dtype=torch.int32, device=dev)
-    block_r = 32  # divides every tile size, so each tile row's list has one first program
-    _traceable(_scales_kernel)[(triton.cdiv(m, block_r),)](
-        rowmax, flags, scale, inv, scale_all, inv_all, count, order, m, kt, WRITE_ALL=transposed, TILE=tile,
-        BLOCK_R=block_r, BLOCK_J=min(triton.next_power_of_2(kt), 128), BLOCK_T=max(triton.next_power_of_2(kt), 16),
-        SPREAD=SPREAD)
+    block_t = max(triton.next_power_of_2(kt), 16)
+    _traceable(_scales_kernel)[(mt,)](
+        rowmax, thr, float(base_threshold), flags, scale, inv, scale_all, inv_all, count, order, stats, m, kt,
+        FALLBACK=fallback, WRITE_ALL=transposed, TILE=tile, BLOCK_T=block_t, SPREAD=SPREAD,
+        num_warps=8 if tile * block_t >= 8192 else 4)
     q = torch.empty(m, k, dtype=torch.int8, device=dev)
     q2 = torch.empty(m, k, dtype=torch.int8, device=dev)
     c1 = torch.empty(mt, kt, dtype=torch.float32, device=dev)
@@ -429,7 +417,7 @@ def quantize_act(x: torch.Tensor, tile: int, threshold: torch.Tensor | float, ba
     qt = torch.empty(k, m, dtype=torch.int8, device=dev) if transposed else q
     _traceable(_act_quant_kernel)[(mt, kt)](
         x, x.stride(0), x.stride(1), m, k, kt, inv, flags, q, q2, qt, inv_all, c1, c2, stats, seed or 0, TILE=tile,
-        STOCHASTIC=seed is not None, TRANSPOSED=transposed, num_warps=8 if tile == 128 else 4)
+        STOCHASTIC=seed is not None, TRANSPOSED=transposed, num_warps=warps)
     return TileQuant(q, q2, scale, flags, c1, c2, stats, tile, qt if transposed else None,
                      scale_all if transposed else None, count, order)
 

@@ -141,13 +141,13 @@ def test_budget_raises_threshold_on_device():
     fql = FQLinear(256, 32, bias=False, config=FQConfig(tile=32, fallback="budget", budget=0.1))
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, 256, generator=g)
-    # One outlier channel per 32-column tile, 30x to 3000x: every tile would fall back at first.
-    x[:, ::32] *= 10 ** (1.5 + 2 * torch.rand(8, generator=g))
+    # One outlier channel, 30x to 3000x, in 4 of the 8 tile columns: half the tiles fall back at first.
+    x[:, 0:128:32] *= 10 ** (1.5 + 2 * torch.rand(4, generator=g))
     ratios = []
     for _ in range(40):
         fql(x)
         ratios.append(collect_stats(fql_module_root(fql))["fallback_ratio"])
-    assert ratios[0] > 0.5
+    assert ratios[0] > 0.45
     assert sum(ratios[-10:]) / 10 <= 0.1
     assert float(fql.fq_thr[0]) > 12.0
 
@@ -214,6 +214,9 @@ def test_compiled_blocks_trace_triton_fq_layers_without_graph_breaks():
     torch._dynamo.reset()
     counters.clear()
     eager, compiled = (convert(tiny_model().cuda(), FQConfig(tile=32)) for _ in range(2))
+    for model in (eager, compiled):  # an outlier channel into layer 0's q/k/v: fallback tiles there
+        with torch.no_grad():
+            model.layers[0].attention_norm.weight[5] = 50.0
     for block in compiled.layers:
         block.compile()
     tokens = torch.randint(0, 256, (2, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(3))

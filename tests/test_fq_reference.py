@@ -73,14 +73,30 @@ def glu_like(m=256, k=512, seed=0):
 
 
 def test_fallback_tiles_sit_exactly_on_outliers():
+    # The two channel outliers flag their tile column in every tile row; the 100x token does
+    # not fall back: its own row scale absorbs it.
     tile = 64
     x, channels, token = glu_like()
     xq = R.quantize_act(x, tile, THR, THR, True)
     expected = torch.zeros_like(xq.flags)
     expected[:, [c // tile for c in channels]] = True
-    expected[token // tile, :] = True
     assert torch.equal(xq.flags, expected)
     assert int(xq.stats[R.STAT_FALLBACK]) == int(expected.sum())
+    w = torch.randn(64, x.shape[1], generator=torch.Generator().manual_seed(1))
+    y, _ = fq_forward(x, w)
+    assert rel(y[token], x[token].double() @ w.double().t()) < 0.02
+
+
+def test_spikes_are_relative_to_the_rows_median_tile():
+    rowmax = torch.tensor([[1.0, 2.0, 30.0, 1.5],  # one tile 20x the median (1.5): a spike
+                           [5.0, 100.0, 100.0, 100.0],  # median 100: the small tile is no spike
+                           [0.0, 0.0, 3.0, 0.0],  # median 0: nothing to protect, no spike
+                           [1.0, 1.0, float("inf"), 9.0]])  # NaN/Inf marks: handled by the caller
+    expected = torch.tensor([[False, False, True, False],
+                             [False, False, False, False],
+                             [False, False, False, False],
+                             [False, False, True, True]])
+    assert torch.equal(R.spikes(rowmax, 8.0), expected)
 
 
 def test_outlier_error_with_and_without_fallback():
@@ -113,12 +129,15 @@ def test_outlier_error_with_and_without_fallback():
 
 def test_small_magnitudes_quantize_like_large_ones():
     # Scaling by a power of two is exact, so the quantized digits and the GEMM's relative error
-    # must not change. Gradients are ~1e-6: rows whose tiles all fall back (the 100x token here)
-    # once got scale 1 and tile multipliers ~1e-8, and the (c1 - 1) tail lost every digit.
-    x, _, token = glu_like()
+    # must not change. Gradients are ~1e-6: rows whose tiles all fall back (tile row 0 here,
+    # whose rows spike in different tile columns) once got scale 1 and tile multipliers ~1e-8,
+    # and the (c1 - 1) tail lost every digit.
+    x, _, _ = glu_like()
+    for t in range(x.shape[1] // 64):
+        x[t, 64 * t + 5] *= 1000.0
     w = torch.randn(96, x.shape[1], generator=torch.Generator().manual_seed(5))
     xq, xq_small = R.quantize_act(x, 64, THR, THR, True), R.quantize_act(x * 2.0**-20, 64, THR, THR, True)
-    assert xq.flags[token // 64].all()
+    assert xq.flags[0].all()
     assert torch.equal(xq.q, xq_small.q) and torch.equal(xq.flags, xq_small.flags)
     assert torch.equal(R.dequantize(xq_small), R.dequantize(xq) * 2.0**-20)
     ref = x.double() @ w.double().t()

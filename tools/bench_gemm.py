@@ -27,7 +27,7 @@ from fq import reference as R  # noqa: E402
 from fq import triton_kernels as T  # noqa: E402
 
 SHAPES = [(16384, 4096, 14336), (16384, 14336, 4096), (16384, 2048, 8192), (16384, 8192, 2048)]
-THR = 12.0
+THR = FQConfig.threshold
 
 
 def timer(dry: bool):
