@@ -90,17 +90,22 @@ def linear_backward(ops, dy, weight, qt, scale_t, x, thr, counts, tile: int, thr
                     need_dx: bool, need_dw: bool, x_dtype: torch.dtype):
     """dX = dY W and dW = dY^T X (each None unless needed). A GEMM switched off (grad_input /
     grad_weight false) runs in dY's dtype; dW then needs X itself."""
-    dx = dw = None
+    dx = dw = dyq = dyq_t = None
+    if need_dx and grad_input and need_dw and grad_weight:  # both layouts of dY from one pair of reads
+        dyq, dyq_t, dys = ops.quantize_grad(dy, tile, thr[GRAD], threshold, fallback, scale_t, seed_dx, seed_dw,
+                                            counts)
     if need_dx:
         if grad_input:
-            dyq = ops.quantize_act(dy, tile, thr[GRAD], threshold, fallback, seed=seed_dx, stats=counts)
+            if dyq is None:
+                dyq = ops.quantize_act(dy, tile, thr[GRAD], threshold, fallback, seed=seed_dx, stats=counts)
             wq_t, ws_t = ops.quantize_cols_t(weight)
             dx = ops.gemm_a_fallback(dyq, wq_t, ws_t, x_dtype)
         else:
             dx = (dy @ weight.to(dy.dtype)).to(x_dtype)
     if need_dw:
         if grad_weight:
-            dyq_t, dys = ops.quantize_cols_t(dy, row_mult=scale_t, seed=seed_dw)
+            if dyq_t is None:
+                dyq_t, dys = ops.quantize_cols_t(dy, row_mult=scale_t, seed=seed_dw)
             dw = ops.gemm_wgrad(dyq_t, dys, qt, weight.dtype)
         else:
             dw = (dy.t() @ x.to(dy.dtype)).to(weight.dtype)

@@ -188,6 +188,15 @@ def quantize_act(x: torch.Tensor, tile: int, threshold: torch.Tensor | float, ba
     return a
 
 
+def quantize_grad(dy: torch.Tensor, tile: int, threshold: torch.Tensor | float, base_threshold: float,
+                  fallback: bool, row_mult: torch.Tensor, seed: int | None = None, seed_t: int | None = None,
+                  stats: torch.Tensor | None = None) -> tuple[TileQuant, torch.Tensor, torch.Tensor]:
+    """The output gradient for both backward GEMMs: its rows with fallback tiles (input gradient)
+    and its columns with X's row scales folded in, transposed (weight gradient)."""
+    return (quantize_act(dy, tile, threshold, base_threshold, fallback, seed=seed, stats=stats),
+            *quantize_cols_t(dy, row_mult, seed_t))
+
+
 def fallback_lists(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per tile row: how many fallback tiles, and their K-tile indices first, ascending (the
     Triton GEMM's tail walks these; entries past the count carry no meaning)."""

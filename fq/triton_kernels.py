@@ -85,8 +85,11 @@ def _round(z, seed, offs, STOCHASTIC: tl.constexpr):
 
 
 @triton.jit
-def _act_stats_kernel(x_ptr, s_xm, s_xk, M, K, KT, rowmax_ptr, stats_ptr, TILE: tl.constexpr):
-    """Per tile: each row's absmax (inf where a NaN/Inf sits) and the non-finite count."""
+def _act_stats_kernel(x_ptr, s_xm, s_xk, M, K, KT, rowmax_ptr, stats_ptr, mult_ptr, colmax_ptr, TILE: tl.constexpr,
+                      COLS: tl.constexpr):
+    """Per tile: each row's absmax (inf where a NaN/Inf sits) and the non-finite count; COLS:
+    also each column's absmax of x * mult[row] over the tile's rows (MT, K), for per-column
+    digits in the same pass as the row digits (quantize_grad)."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_m * TILE + tl.arange(0, TILE)
@@ -96,6 +99,10 @@ def _act_stats_kernel(x_ptr, s_xm, s_xk, M, K, KT, rowmax_ptr, stats_ptr, TILE: 
     ax = tl.where(x != x, float("inf"), tl.abs(x))
     rowmax = tl.max(ax, axis=1)
     tl.store(rowmax_ptr + rows * KT + pid_k, rowmax, mask=rows < M)
+    if COLS:
+        y = _mul(x, tl.load(mult_ptr + rows, mask=rows < M, other=1.0)[:, None])
+        ay = tl.where(y != y, float("inf"), tl.abs(y))
+        tl.store(colmax_ptr + pid_m * K + cols, tl.max(ay, axis=0), mask=cols < K)
     if (pid_m == 0) & (pid_k == 0):
         tl.atomic_add(stats_ptr + 4, (tl.num_programs(0) * tl.num_programs(1)).to(tl.int64))
     if tl.max(rowmax, axis=0) == float("inf"):
@@ -111,38 +118,48 @@ def _tiles_with_spikes(v, med, thr, mask, finite):
 
 @triton.jit
 def _scales_kernel(rowmax_ptr, thr_ptr, base_thr, flags_ptr, scale_ptr, inv_ptr, scale_all_ptr, inv_all_ptr,
-                   count_ptr, order_ptr, stats_ptr, M, KT, FALLBACK: tl.constexpr, WRITE_ALL: tl.constexpr,
-                   TILE: tl.constexpr, BLOCK_T: tl.constexpr, SPREAD: tl.constexpr):
-    """One program per tile row, from its (TILE, Kt) row absmax: the fallback flags (a spike
-    over threshold x the row's median tile absmax, as reference.spikes), the row scales over the
-    plain tiles, floored at absmax(row) / SPREAD, as reference.row_scales (WRITE_ALL: also the
-    whole rows' scales, the weight gradient's X), and the GEMM's fallback list (the count, then
-    the flagged K tiles in order; entries past the count are unused)."""
+                   count_ptr, order_ptr, stats_ptr, colmax_ptr, scale_c_ptr, inv_c_ptr, M, K, KT, MT,
+                   FALLBACK: tl.constexpr, WRITE_ALL: tl.constexpr, TILE: tl.constexpr, BLOCK_T: tl.constexpr,
+                   SPREAD: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Programs below MT: one per tile row, from its (TILE, Kt) row absmax, the fallback flags (a
+    spike over threshold x the row's median tile absmax, as reference.spikes), the row scales
+    over the plain tiles, floored at absmax(row) / SPREAD, as reference.row_scales (WRITE_ALL:
+    also the whole rows' scales, the weight gradient's X), and the GEMM's fallback list (the
+    count, then the flagged K tiles in order; entries past the count are unused). Programs from
+    MT on (quantize_grad only): column scales from the stats kernel's (MT, K) column maxima."""
     pid = tl.program_id(0)
-    rows = pid * TILE + tl.arange(0, TILE)
-    ks = tl.arange(0, BLOCK_T)
-    rmask = rows < M
-    kmask = ks < KT
-    mask = rmask[:, None] & kmask[None, :]
-    v = tl.load(rowmax_ptr + rows[:, None] * KT + ks[None, :], mask=mask, other=0.0)
-    srt = tl.sort(tl.where(kmask[None, :], v, float("inf")), dim=1)
-    med = tl.sum(tl.where(ks[None, :] == (KT - 1) // 2, srt, 0.0), axis=1)  # the lower median
-    finite = (tl.max((mask & (v == float("inf"))).to(tl.int32), axis=0) == 0) & kmask
-    flag = _tiles_with_spikes(v, med, tl.load(thr_ptr).to(tl.float32), mask, finite)
-    if not FALLBACK:
-        flag = flag & False
-    crushed = _tiles_with_spikes(v, med, base_thr, mask, finite) & (~flag)
-    tl.store(flags_ptr + pid * KT + ks, flag.to(tl.int8), mask=kmask)
-    tl.atomic_add(stats_ptr + 0, tl.sum(flag.to(tl.int32), axis=0).to(tl.int64))
-    tl.atomic_add(stats_ptr + 1, tl.sum(crushed.to(tl.int32), axis=0).to(tl.int64))
-    am_all = tl.max(v, axis=1)
-    am = tl.maximum(tl.max(tl.where(flag[None, :], 0.0, v), axis=1), am_all / SPREAD)
-    if WRITE_ALL:
-        _store_scales(am_all, scale_all_ptr, inv_all_ptr, rows, rmask)
-    _store_scales(am, scale_ptr, inv_ptr, rows, rmask)
-    f = flag.to(tl.int32)
-    tl.store(order_ptr + pid * KT + tl.cumsum(f, axis=0) - 1, ks, mask=f != 0)
-    tl.store(count_ptr + pid, tl.sum(f, axis=0))
+    if pid < MT:
+        rows = pid * TILE + tl.arange(0, TILE)
+        ks = tl.arange(0, BLOCK_T)
+        rmask = rows < M
+        kmask = ks < KT
+        mask = rmask[:, None] & kmask[None, :]
+        v = tl.load(rowmax_ptr + rows[:, None] * KT + ks[None, :], mask=mask, other=0.0)
+        srt = tl.sort(tl.where(kmask[None, :], v, float("inf")), dim=1)
+        med = tl.sum(tl.where(ks[None, :] == (KT - 1) // 2, srt, 0.0), axis=1)  # the lower median
+        finite = (tl.max((mask & (v == float("inf"))).to(tl.int32), axis=0) == 0) & kmask
+        flag = _tiles_with_spikes(v, med, tl.load(thr_ptr).to(tl.float32), mask, finite)
+        if not FALLBACK:
+            flag = flag & False
+        crushed = _tiles_with_spikes(v, med, base_thr, mask, finite) & (~flag)
+        tl.store(flags_ptr + pid * KT + ks, flag.to(tl.int8), mask=kmask)
+        tl.atomic_add(stats_ptr + 0, tl.sum(flag.to(tl.int32), axis=0).to(tl.int64))
+        tl.atomic_add(stats_ptr + 1, tl.sum(crushed.to(tl.int32), axis=0).to(tl.int64))
+        am_all = tl.max(v, axis=1)
+        am = tl.maximum(tl.max(tl.where(flag[None, :], 0.0, v), axis=1), am_all / SPREAD)
+        if WRITE_ALL:
+            _store_scales(am_all, scale_all_ptr, inv_all_ptr, rows, rmask)
+        _store_scales(am, scale_ptr, inv_ptr, rows, rmask)
+        f = flag.to(tl.int32)
+        tl.store(order_ptr + pid * KT + tl.cumsum(f, axis=0) - 1, ks, mask=f != 0)
+        tl.store(count_ptr + pid, tl.sum(f, axis=0))
+    else:
+        cs = (pid - MT) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = cs < K
+        acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for i in range(0, MT):
+            acc = tl.maximum(acc, tl.load(colmax_ptr + i * K + cs, mask=cmask, other=0.0))
+        _store_scales(acc, scale_c_ptr, inv_c_ptr, cs, cmask)
 
 
 @triton.jit
@@ -156,8 +173,12 @@ def _store_scales(am, scale_ptr, inv_ptr, rows, rmask):
 
 
 @triton.jit
-def _act_quant_kernel(x_ptr, s_xm, s_xk, M, K, KT, inv_ptr, flags_ptr, q_ptr, q2_ptr, qt_ptr, inv_t_ptr, c1_ptr, c2_ptr,
-                      stats_ptr, seed, TILE: tl.constexpr, STOCHASTIC: tl.constexpr, TRANSPOSED: tl.constexpr):
+def _act_quant_kernel(x_ptr, s_xm, s_xk, M, K, KT, inv_ptr, flags_ptr, q_ptr, q2_ptr, qt_ptr, inv_t_ptr, inv_c_ptr,
+                      c1_ptr, c2_ptr, stats_ptr, seed, seed_t, TILE: tl.constexpr, STOCHASTIC: tl.constexpr,
+                      TRANSPOSED: tl.constexpr, COLS: tl.constexpr):
+    """Row digits with fallback tiles; TRANSPOSED also writes (K, M) digits of x * inv_t[row]
+    (X for the weight gradient: its whole rows' inverse scales), and with COLS times inv_c[col]
+    (dY for the weight gradient: X's row scales times dY's inverse column scales)."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_m * TILE + tl.arange(0, TILE)
@@ -182,11 +203,14 @@ def _act_quant_kernel(x_ptr, s_xm, s_xk, M, K, KT, inv_ptr, flags_ptr, q_ptr, q2
         tl.atomic_add(stats_ptr + 2, tl.sum(tl.sum((tl.abs(q) > 127.0).to(tl.int32), axis=1), axis=0).to(tl.int64))
     q = tl.minimum(tl.maximum(q, -127.0), 127.0)
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], q.to(tl.int8), mask=mask)
-    if TRANSPOSED:  # (K, M) plain row-wise digits at the whole row's scale: the weight gradient's B
+    if TRANSPOSED:
         zt = _mul(x, tl.load(inv_t_ptr + rows, mask=rows < M, other=1.0)[:, None])
+        if COLS:
+            zt = _mul(zt, tl.load(inv_c_ptr + cols, mask=cols < K, other=1.0)[None, :])
         zt = tl.where((zt == zt) & (tl.abs(zt) < float("inf")), zt, 0.0)
-        qt = tl.minimum(tl.maximum(_round(zt, seed, offs, STOCHASTIC), -127.0), 127.0)
-        tl.store(qt_ptr + cols[None, :] * M + rows[:, None], qt.to(tl.int8), mask=mask)
+        offs_t = cols[None, :] * M + rows[:, None]  # the stream _line_quant_kernel uses for columns
+        qt = tl.minimum(tl.maximum(_round(zt, seed_t, offs_t, STOCHASTIC), -127.0), 127.0)
+        tl.store(qt_ptr + offs_t, qt.to(tl.int8), mask=mask)
     if flag:
         resid = z - _mul(q, c1)
         ar = tl.max(tl.max(tl.abs(resid), axis=1), axis=0)
@@ -384,14 +408,39 @@ def quantize_act(x: torch.Tensor, tile: int, threshold: torch.Tensor | float, ba
                  stats: torch.Tensor | None = None) -> TileQuant:
     """Three launches: row absmax per tile, flags and row scales (+ the GEMM's fallback lists),
     digits."""
+    return _quantize_act(x, tile, threshold, base_threshold, fallback, seed, transposed, stats)[0]
+
+
+def quantize_grad(dy: torch.Tensor, tile: int, threshold: torch.Tensor | float, base_threshold: float,
+                  fallback: bool, row_mult: torch.Tensor, seed: int | None = None, seed_t: int | None = None,
+                  stats: torch.Tensor | None = None) -> tuple[TileQuant, torch.Tensor, torch.Tensor]:
+    """quantize_act(dy) and quantize_cols_t(dy, row_mult) in the same three launches: dY is read
+    twice instead of four times."""
+    if (seed is None) != (seed_t is None):
+        raise ValueError("quantize_grad: stochastic rounding needs both seeds or neither")
+    return _quantize_act(dy, tile, threshold, base_threshold, fallback, seed, True, stats, row_mult, seed_t)
+
+
+def _quantize_act(x, tile, threshold, base_threshold, fallback, seed, transposed, stats, row_mult=None, seed_t=None):
+    """quantize_act; with row_mult, the transposed digits are per column of x * row_mult[:, None]
+    (returned with their scales) instead of per row."""
     m, k = x.shape
     dev = x.device
     mt, kt = num_tiles(m, tile), num_tiles(k, tile)
+    cols = row_mult is not None
+    # A fresh tensor for each argument a launch does not use: never one a kernel may write
+    # through another argument, since torch.compile's functionalization of a kernel cannot tell
+    # aliased arguments apart.
+    def unused():
+        return torch.empty(1, dtype=torch.float32, device=dev)
+
     if stats is None:
         stats = torch.zeros(NUM_STATS, dtype=torch.int64, device=dev)
     rowmax = torch.empty(m, kt, dtype=torch.float32, device=dev)
+    colmax = torch.empty(mt, k, dtype=torch.float32, device=dev) if cols else unused()
     warps = 8 if tile == 128 else 4
-    _traceable(_act_stats_kernel)[(mt, kt)](x, x.stride(0), x.stride(1), m, k, kt, rowmax, stats, TILE=tile,
+    _traceable(_act_stats_kernel)[(mt, kt)](x, x.stride(0), x.stride(1), m, k, kt, rowmax, stats,
+                                            row_mult if cols else unused(), colmax, TILE=tile, COLS=cols,
                                             num_warps=warps)
     if isinstance(threshold, torch.Tensor):
         thr = threshold.reshape(1)
@@ -399,27 +448,32 @@ def quantize_act(x: torch.Tensor, tile: int, threshold: torch.Tensor | float, ba
         thr = torch.full((1,), float(threshold), dtype=torch.float32, device=dev)
     flags = torch.empty(mt, kt, dtype=torch.int8, device=dev)
     scale, inv = torch.empty(2, m, dtype=torch.float32, device=dev).unbind(0)
-    # The whole rows' scales (the weight gradient's X), written only if transposed; their own
-    # tensors, since scale_t leaves the op (fq/ops.py) and an op's outputs may not be views.
-    scale_all, inv_all = ((torch.empty(m, dtype=torch.float32, device=dev) for _ in range(2)) if transposed
-                          else (scale, inv))
+    # Whole rows' scales (X for the weight gradient) or columns' (dY for it), only if transposed;
+    # their own tensors, since they leave the op (fq/ops.py) and an op's outputs may not be views.
+    scale_t, inv_t = ((torch.empty(k if cols else m, dtype=torch.float32, device=dev) for _ in range(2))
+                      if transposed else (unused(), unused()))
+    rows_t, cols_t = ((unused(), unused()), (scale_t, inv_t)) if cols else ((scale_t, inv_t), (unused(), unused()))
     count = torch.empty(mt, dtype=torch.int32, device=dev)
     order = torch.empty(mt, kt, dtype=torch.int32, device=dev)
     block_t = max(triton.next_power_of_2(kt), 16)
-    _traceable(_scales_kernel)[(mt,)](
-        rowmax, thr, float(base_threshold), flags, scale, inv, scale_all, inv_all, count, order, stats, m, kt,
-        FALLBACK=fallback, WRITE_ALL=transposed, TILE=tile, BLOCK_T=block_t, SPREAD=SPREAD,
-        num_warps=8 if tile * block_t >= 8192 else 4)
+    block_c = 256
+    _traceable(_scales_kernel)[(mt + (triton.cdiv(k, block_c) if cols else 0),)](
+        rowmax, thr, float(base_threshold), flags, scale, inv, *rows_t, count, order, stats, colmax, *cols_t, m, k,
+        kt, mt, FALLBACK=fallback, WRITE_ALL=transposed and not cols, TILE=tile, BLOCK_T=block_t, SPREAD=SPREAD,
+        BLOCK_C=block_c, num_warps=8 if tile * block_t >= 8192 else 4)
     q = torch.empty(m, k, dtype=torch.int8, device=dev)
     q2 = torch.empty(m, k, dtype=torch.int8, device=dev)
     c1 = torch.empty(mt, kt, dtype=torch.float32, device=dev)
     c2 = torch.empty(mt, kt, dtype=torch.float32, device=dev)
-    qt = torch.empty(k, m, dtype=torch.int8, device=dev) if transposed else q
+    qt = torch.empty(k, m, dtype=torch.int8, device=dev) if transposed else unused()
     _traceable(_act_quant_kernel)[(mt, kt)](
-        x, x.stride(0), x.stride(1), m, k, kt, inv, flags, q, q2, qt, inv_all, c1, c2, stats, seed or 0, TILE=tile,
-        STOCHASTIC=seed is not None, TRANSPOSED=transposed, num_warps=warps)
+        x, x.stride(0), x.stride(1), m, k, kt, inv, flags, q, q2, qt, row_mult if cols else inv_t, cols_t[1], c1,
+        c2, stats, seed or 0, (seed_t if cols else seed) or 0, TILE=tile, STOCHASTIC=seed is not None,
+        TRANSPOSED=transposed, COLS=cols, num_warps=warps)
+    if cols:
+        return TileQuant(q, q2, scale, flags, c1, c2, stats, tile, count=count, order=order), qt, scale_t
     return TileQuant(q, q2, scale, flags, c1, c2, stats, tile, qt if transposed else None,
-                     scale_all if transposed else None, count, order)
+                     scale_t if transposed else None, count, order), None, None
 
 
 def _quantize_lines(x: torch.Tensor, lines: int, length: int, s_line: int, s_elem: int,
