@@ -20,7 +20,7 @@ class FQConfig:
     # ratio exceeds `budget`; "none" disables fallback (plain row-scaled INT8, the ablation).
     fallback: str = "threshold"
     # Spike ratio: the row's median tile keeps >= 127 / threshold levels. Gaussian rows stay
-    # below ~2, GLU outlier channels sit at 100-10000.
+    # below ~2.2, GLU outlier channels sit at 100-10000.
     threshold: float = 8.0
     # Target fraction of fallback tiles per layer and GEMM for fallback="budget".
     budget: float = 0.05

@@ -6,8 +6,9 @@
   (M, Kt) array, with the tile row's list of fallback tiles for the GEMM; one program per tile
   then writes INT8 digits and multipliers.
   Counts go by atomics straight into the caller's running totals (no extra launch).
-- `_line_quant_kernel`: per-row or per-column INT8 (weights, and dY for the weight gradient) in
-  one launch: each program owns whole lines and reads them twice.
+- `_line_quant_kernel`: per-row or per-column INT8 (weights; dY for the weight gradient only when
+  the input-gradient GEMM is not quantized, else `quantize_grad` writes it) in one launch: each
+  program owns whole lines and reads them twice.
 - `_fq_gemm_kernel`: INT8 tl.dot into one INT32 accumulator, row x column scales in the epilogue;
   after the pipelined loop, the fallback tiles of the block's tile row are visited from a per-row
   list and added in float32. The weight-gradient GEMM runs it without fallback (plain row-wise X).

@@ -149,7 +149,7 @@ def test_budget_raises_threshold_on_device():
         ratios.append(collect_stats(fql_module_root(fql))["fallback_ratio"])
     assert ratios[0] > 0.45
     assert sum(ratios[-10:]) / 10 <= 0.1
-    assert float(fql.fq_thr[0]) > 12.0
+    assert float(fql.fq_thr[0]) > fql.fq_config.threshold
 
 
 def fql_module_root(layer):
