@@ -80,7 +80,7 @@ def test_report_of_a_training_checkpoint(default_cache, tmp_path):
     loss = r["loss"]
     assert abs(loss["w8"] - loss["fp32"]) < 0.02
     assert "fq/layers.0.mlp.down_proj/fallback_ratio" in r["fq_fallback"]
-    assert r["weights"]["layers.0.attention.q_proj"]["spectral_norm"] > 0
+    assert r["weights"]["layers.0.attention.qkv_proj"]["spectral_norm"] > 0
     report = (out / "report.md").read_text()
     for section in ("Post-training quantization", "Activation outliers", "RMSNorm gains", "Weights"):
         assert f"## {section}" in report

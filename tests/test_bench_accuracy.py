@@ -9,15 +9,15 @@ def test_rows_read_back_reported_and_plotted(tmp_path, capsys):
     run_dir = tmp_path / "fq"
     run_dir.mkdir()
     records = [{"step": s, "loss": 5.0 - s / 10, "fallback_ratio": 0.1 * s, "tokens_per_sec": 100.0,
-                "fq/layers.0.mlp.up_proj/fallback_ratio": 0.01 * s,
-                "fq/layers.0.mlp.up_proj/grad_fallback_ratio": 0.2} for s in (1, 2)]
+                "fq/layers.0.mlp.gate_up_proj/fallback_ratio": 0.01 * s,
+                "fq/layers.0.mlp.gate_up_proj/grad_fallback_ratio": 0.2} for s in (1, 2)]
     records.append({"step": 2, "val_loss": 4.5})
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     ok = subprocess.CompletedProcess([], 0, "", "")
     fq = read_row("fq", str(run_dir), ok)
     assert fq["val"] == [(2, 4.5)] and fq["final_val_loss"] == 4.5 and fq["train"] == [(1, 4.9), (2, 4.8)]
-    assert set(fq["layer_fallback"]) == {"fq/layers.0.mlp.up_proj/fallback_ratio",
-                                         "fq/layers.0.mlp.up_proj/grad_fallback_ratio"}
+    assert set(fq["layer_fallback"]) == {"fq/layers.0.mlp.gate_up_proj/fallback_ratio",
+                                         "fq/layers.0.mlp.gate_up_proj/grad_fallback_ratio"}
     bf16 = dict(fq, row="bf16", val=[(2, 4.0)], final_val_loss=4.0, fallback=[])
     failed = read_row("nofallback", str(tmp_path / "missing"), subprocess.CompletedProcess([], 1, "", "boom"))
     report([bf16, fq, failed])

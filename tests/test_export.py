@@ -1,8 +1,9 @@
 """tools/convert_checkpoint.py: DCP -> torch / safetensors / Hugging Face Llama and back, bitwise;
 the HF model computes our logits (transformers, when installed); a run starts from an HF folder
-with `checkpoint.init_from`."""
+with `checkpoint.init_from`; weights saved with q/k/v and gate/up apart load fused."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -10,7 +11,8 @@ import torch
 from tests.test_resume import train
 from tools.convert_checkpoint import convert, main
 from train import config as C
-from train.checkpoint import CheckpointError, check_weights, consolidate, from_hf, read_weights, to_hf, write_hf
+from train.checkpoint import (MANIFEST, CheckpointError, Checkpointer, _file_record, check_weights, consolidate,
+                              from_hf, has_split_projections, read_weights, split_projections, to_hf, write_hf)
 from train.model import Transformer
 
 pytest.importorskip("safetensors")
@@ -82,12 +84,52 @@ def test_tied_embeddings_round_trip_through_hf(tmp_path):
 def test_mismatched_weights_are_named():
     model, cfg = gqa_model()
     weights = dict(model.state_dict())
-    weights["layers.0.mlp.up_proj.weight"] = torch.zeros(3, 3)
-    with pytest.raises(CheckpointError, match="layers.0.mlp.up_proj.weight"):
+    weights["layers.0.mlp.gate_up_proj.weight"] = torch.zeros(3, 3)
+    with pytest.raises(CheckpointError, match="layers.0.mlp.gate_up_proj.weight"):
         check_weights(weights, model.state_dict(), "checkpoint.init_from='x'")
     del weights["norm.weight"]
     with pytest.raises(CheckpointError, match="norm.weight"):
         check_weights(weights, model.state_dict(), "checkpoint.init_from='x'")
+
+
+def test_hf_layout_splits_q_k_v_and_gate_up():
+    model, cfg = gqa_model()
+    hf, _ = to_hf(model.state_dict(), cfg)
+    fused = model.layers[1].attention.qkv_proj.weight
+    q, k, v = (hf[f"model.layers.1.self_attn.{n}_proj.weight"] for n in "qkv")
+    assert q.shape == (64, 64) and k.shape == v.shape == (16, 64)  # 8 query heads, 2 kv heads of 8
+    assert torch.equal(v, fused[80:])  # v is not RoPE-permuted
+    gate_up = model.layers[1].mlp.gate_up_proj.weight
+    assert torch.equal(torch.cat([hf["model.layers.1.mlp.gate_proj.weight"],
+                                  hf["model.layers.1.mlp.up_proj.weight"]]), gate_up)
+
+
+def write_split_checkpoint(src: str, dst: str, cfg: C.ModelConfig) -> None:
+    """A step folder as fqtrain wrote it before q/k/v and gate/up were fused (weights only)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"model": split_projections(consolidate(src), cfg)}, checkpoint_id=dst)
+    for name in ("config.toml", "train_state.json"):
+        shutil.copy(os.path.join(src, name), dst)
+    files = {n: _file_record(os.path.join(dst, n)) for n in sorted(os.listdir(dst))}
+    with open(os.path.join(dst, MANIFEST), "w", encoding="utf-8") as f:
+        json.dump({"files": files, "world_size": 1}, f)
+
+
+def test_weights_saved_apart_load_fused(source, tmp_path):
+    cfg = read_weights(source["path"])[1]
+    split = split_projections(source["weights"], cfg)
+    assert "layers.0.attention.k_proj.weight" in split and "layers.0.mlp.up_proj.weight" in split
+    torch.save(split, tmp_path / "old.pt")
+    assert_equal(read_weights(str(tmp_path / "old.pt"))[0], source["weights"])
+    old = str(tmp_path / "step-00000002")
+    write_split_checkpoint(source["path"], old, cfg)
+    assert has_split_projections(old) and not has_split_projections(source["path"])
+    assert_equal(read_weights(old)[0], source["weights"])  # what checkpoint.init_from reads
+    run = C.Config()
+    run.model = cfg
+    with pytest.raises(CheckpointError, match="separate weights.*checkpoint.init_from"):
+        Checkpointer(run, str(tmp_path), rank=0, world_size=1).load(old, None, None, None)
 
 
 def hf_logits(folder, tokens):

@@ -26,9 +26,9 @@ def test_convert_swaps_block_linears_only(caplog):
     with caplog.at_level(logging.INFO, logger="fqtrain.fq"):
         convert(model, FQConfig(tile=32))
     fq_names = sorted(n for n, m in model.named_modules() if isinstance(m, FQLinear))
-    assert len(fq_names) == 14 and all(n.startswith("layers.") for n in fq_names)
+    assert len(fq_names) == 8 and all(n.startswith("layers.") for n in fq_names)
     assert type(model.output) is nn.Linear and type(model.tok_embeddings) is nn.Embedding
-    assert "fq: backend=" in caplog.text and "14 Linear layers converted" in caplog.text
+    assert "fq: backend=" in caplog.text and "8 Linear layers converted" in caplog.text
     if not torch.cuda.is_available():
         assert "backend=reference (no CUDA)" in caplog.text
 
@@ -39,7 +39,7 @@ def test_disabled_and_filters():
     assert not any(isinstance(m, FQLinear) for m in model.modules())
     convert(model, FQConfig(include=("layers.*.mlp.*",), exclude=("layers.0.*",)))
     names = sorted(n for n, m in model.named_modules() if isinstance(m, FQLinear))
-    assert names == ["layers.1.mlp.down_proj", "layers.1.mlp.gate_proj", "layers.1.mlp.up_proj"]
+    assert names == ["layers.1.mlp.down_proj", "layers.1.mlp.gate_up_proj"]
 
 
 def test_state_dict_interchangeable_both_ways():
@@ -121,7 +121,7 @@ def test_collect_stats_counts_and_resets():
     model(tokens).sum().backward()
     stats = collect_stats(model)
     for key in ("fallback_ratio", "fq/saturated", "fq/nonfinite", "fq/layers.0.mlp.down_proj/fallback_ratio",
-                "fq/layers.1.attention.q_proj/grad_fallback_ratio"):
+                "fq/layers.1.attention.qkv_proj/grad_fallback_ratio"):
         assert key in stats
     assert 0.0 <= stats["fallback_ratio"] <= 1.0 and stats["fq/nonfinite"] == 0.0
     # Poison one layer's input: counted as non-finite there, then reset clears it.
@@ -162,7 +162,7 @@ def fql_module_root(layer):
 def test_gpu_uses_triton_under_autocast_and_matches_reference():
     torch.manual_seed(0)
     model = convert(tiny_model().cuda(), FQConfig(tile=32))
-    layer = model.layers[0].mlp.up_proj
+    layer = model.layers[0].mlp.gate_up_proj
     assert layer.fq_backend == "triton"
     tokens = torch.randint(0, 256, (2, 64), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -201,7 +201,7 @@ def test_compiled_blocks_run_fq_layers_as_they_are(monkeypatch):
         outs.append((loss.detach(), model.layers[0].mlp.down_proj.weight.grad))
     assert rel(outs[1][0], outs[0][0]) < 1e-5
     assert rel(outs[1][1], outs[0][1]) < 1e-3
-    assert compiled.layers[0].attention.q_proj.last_backend == "reference"
+    assert compiled.layers[0].attention.qkv_proj.last_backend == "reference"
     assert traced and not any(traced)
 
 
@@ -227,7 +227,7 @@ def test_compiled_blocks_trace_triton_fq_layers_without_graph_breaks():
         loss.backward()
         outs.append((loss.detach(), model.layers[0].mlp.down_proj.weight.grad, collect_stats(model)))
     assert not counters["graph_break"], dict(counters["graph_break"])
-    assert compiled.layers[0].mlp.up_proj.last_backend == "triton"
+    assert compiled.layers[0].mlp.gate_up_proj.last_backend == "triton"
     # Compiled code rounds the bf16 values around the layers differently: close, not equal.
     assert rel(outs[1][0], outs[0][0]) < 1e-3, (outs[1][0], outs[0][0])
     assert rel(outs[1][1], outs[0][1]) < 5e-2, rel(outs[1][1], outs[0][1])

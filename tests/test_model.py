@@ -1,6 +1,6 @@
 import torch
 
-from train.config import ModelConfig
+from train.config import ModelConfig, ffn_hidden
 from train.model import Transformer, flops_per_token, num_params
 
 CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, max_seq_len=32)
@@ -27,8 +27,8 @@ def test_causal_future_tokens_do_not_change_the_past():
 def test_gqa_matches_explicit_heads():
     # With n_kv_heads == n_heads the repeat is a no-op; with GQA the k/v projections are smaller.
     model = Transformer(CFG)
-    assert model.layers[0].attention.k_proj.weight.shape == (2 * 16, 64)
-    assert model.layers[0].attention.q_proj.weight.shape == (4 * 16, 64)
+    assert model.layers[0].attention.qkv_proj.weight.shape == ((4 + 2 * 2) * 16, 64)
+    assert model.layers[0].mlp.gate_up_proj.weight.shape == (2 * ffn_hidden(CFG), 64)
 
 
 def test_tied_embeddings_share_storage():
@@ -39,7 +39,7 @@ def test_tied_embeddings_share_storage():
 def test_depth_scaled_init():
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**{**CFG.__dict__, "n_layers": 8, "dim": 256, "n_heads": 8, "n_kv_heads": 8}))
-    q = model.layers[0].attention.q_proj.weight.std().item()
+    q = model.layers[0].attention.qkv_proj.weight.std().item()
     o = model.layers[0].attention.o_proj.weight.std().item()
     assert abs(q - 0.02) < 0.002 and abs(o - 0.02 / 4) < 0.001
 

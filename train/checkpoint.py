@@ -291,6 +291,12 @@ class Checkpointer:
 
     def load(self, path: str, model, optimizer, scheduler) -> dict:
         t0 = time.perf_counter()
+        if has_split_projections(path):
+            raise CheckpointError(
+                f"checkpoint {path} keeps q/k/v and gate/up as separate weights (written before fqtrain fused "
+                f"them into qkv_proj and gate_up_proj), so its optimizer state cannot be resumed; start from "
+                f"its weights with checkpoint.init_from='{path}' (fresh optimizer), or finish that run with "
+                f"the fqtrain version that wrote it")
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": self._untied(model_sd), "optim": optim_sd}
         try:
@@ -317,7 +323,7 @@ class Checkpointer:
         """Start a fresh run from the weights of `path` (a weight file, a Hugging Face Llama
         folder, or a step-N folder, whose optimizer state is left out)."""
         t0 = time.perf_counter()
-        if os.path.isfile(os.path.join(path, ".metadata")):
+        if os.path.isfile(os.path.join(path, ".metadata")) and not has_split_projections(path):
             problem = verify(path) or self._verify_all_ranks(path)
             if problem:
                 raise CheckpointError(f"checkpoint.init_from='{path}': {problem}")
@@ -403,7 +409,13 @@ def model_config_of(path: str) -> C.ModelConfig:
 
 def read_weights(path: str) -> tuple[dict[str, torch.Tensor], C.ModelConfig | None]:
     """Weights with this model's names from a consolidated .pt/.safetensors file, a Hugging Face
-    Llama folder, or a step-N folder; plus the model config when the source records one."""
+    Llama folder, or a step-N folder; plus the model config when the source records one.
+    Weights saved with q/k/v and gate/up apart come back fused."""
+    weights, model_cfg = _read_weights(path)
+    return fuse_projections(weights), model_cfg
+
+
+def _read_weights(path: str) -> tuple[dict[str, torch.Tensor], C.ModelConfig | None]:
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, ".metadata")):
             model_cfg = model_config_of(path)
@@ -504,7 +516,7 @@ def _rope_permute(w: torch.Tensor, heads: int, to_hf: bool) -> torch.Tensor:
 def to_hf(weights: dict[str, torch.Tensor], m: C.ModelConfig) -> tuple[dict[str, torch.Tensor], dict]:
     """(HF LlamaForCausalLM state dict, config.json contents) for weights of this model."""
     out = {}
-    for name, w in weights.items():
+    for name, w in split_projections(weights, m).items():
         if m.tie_embeddings and name == "output.weight":
             continue  # HF ties lm_head to embed_tokens itself
         if name.endswith("q_proj.weight"):
@@ -543,7 +555,7 @@ def from_hf(hf: dict[str, torch.Tensor], hf_config: dict) -> tuple[dict[str, tor
     if hf_config.get("head_dim", m.dim // m.n_heads) != m.dim // m.n_heads:
         raise CheckpointError("Hugging Face model has head_dim != hidden_size / num_attention_heads; "
                               "train/model.py cannot express it")
-    names = {_hf_name(n): n for n in _our_names(m)}
+    names = {_hf_name(n): n for n in _split_names(m)}
     out = {}
     for hf_name, w in hf.items():
         if hf_name not in names:
@@ -555,17 +567,64 @@ def from_hf(hf: dict[str, torch.Tensor], hf_config: dict) -> tuple[dict[str, tor
             w = _rope_permute(w, m.n_heads, to_hf=False)
         elif name.endswith("k_proj.weight"):
             w = _rope_permute(w, m.n_kv_heads, to_hf=False)
-        out[name] = w.contiguous()
+        out[name] = w
+    out = {k: v.contiguous() for k, v in fuse_projections(out).items()}
     if m.tie_embeddings:
         out["output.weight"] = out["tok_embeddings.weight"]
     return out, m
 
 
-def _our_names(m: C.ModelConfig) -> list[str]:
+def _split_names(m: C.ModelConfig) -> list[str]:
+    """This model's weight names with q/k/v and gate/up apart (the Hugging Face layout)."""
     from train.model import Transformer
 
     with torch.device("meta"):
-        return list(Transformer(m).state_dict())
+        return list(split_projections(Transformer(m).state_dict(), m))
+
+
+# ---- fused projections --------------------------------------------------------------------
+# train/model.py keeps q/k/v as one weight (qkv_proj) and gate/up as another (gate_up_proj);
+# Hugging Face Llama, and fqtrain checkpoints written before the fusion, keep them apart.
+_FUSED = {"attention.qkv_proj": ("attention.q_proj", "attention.k_proj", "attention.v_proj"),
+          "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+
+
+def split_projections(weights: dict, m: C.ModelConfig) -> dict:
+    """Fused weights cut into their parts (views, rows in the order train/model.py uses)."""
+    hd = m.dim // m.n_heads
+    rows = {"attention.qkv_proj": [m.n_heads * hd, m.n_kv_heads * hd, m.n_kv_heads * hd],
+            "mlp.gate_up_proj": [C.ffn_hidden(m)] * 2}
+    out = {}
+    for name, w in weights.items():
+        found = re.match(r"^(layers\.\d+\.)(.+)\.weight$", name)
+        if found and found.group(2) in _FUSED:
+            for part, piece in zip(_FUSED[found.group(2)], w.split(rows[found.group(2)])):
+                out[f"{found.group(1)}{part}.weight"] = piece
+        else:
+            out[name] = w
+    return out
+
+
+def fuse_projections(weights: dict) -> dict:
+    """Inverse of `split_projections`; fused weights (and anything else) pass unchanged."""
+    out = dict(weights)
+    for fused, parts in _FUSED.items():
+        for name in [n for n in weights if n.endswith(f".{parts[0]}.weight")]:
+            prefix = name[:-len(f"{parts[0]}.weight")]
+            names = [f"{prefix}{p}.weight" for p in parts]
+            if all(n in out for n in names):
+                out[f"{prefix}{fused}.weight"] = torch.cat([out.pop(n) for n in names])
+    return out
+
+
+def has_split_projections(path: str) -> bool:
+    """Whether the DCP checkpoint `path` stores q/k/v or gate/up as separate weights (False when
+    its metadata is unreadable: `verify` and the load then name that problem)."""
+    try:
+        keys = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    except Exception:  # noqa: BLE001
+        return False
+    return any(k.endswith(f".{parts[0]}.weight") for k in keys for parts in _FUSED.values())
 
 
 def write_hf(folder: str, weights: dict[str, torch.Tensor], m: C.ModelConfig) -> None:

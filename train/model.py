@@ -1,7 +1,9 @@
 """Llama-style decoder: RMSNorm, RoPE, grouped-query attention (torch SDPA), SwiGLU MLP.
 
-Readable in one sitting. The seven Linear layers of each block (q/k/v/o, gate/up/down) are
-plain nn.Linear here; `fq.convert` swaps them for FQLinear.
+Readable in one sitting. Each block has four Linear layers, plain nn.Linear here (`fq.convert`
+swaps them for FQLinear): q, k and v are one projection (qkv_proj), and so are gate and up
+(gate_up_proj), as in Megatron-LM. One GEMM per input reads (and under FQ quantizes and saves) the
+normed activation once instead of three or two times; the Hugging Face export splits them.
 """
 from __future__ import annotations
 
@@ -47,16 +49,15 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
         self.head_dim = cfg.dim // cfg.n_heads
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        # Output rows: q (n_heads heads), then k and v (n_kv_heads heads each).
+        self.qkv_proj = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * self.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
 
     def forward(self, x, cos, sin):
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv_proj(x).view(b, s, -1, self.head_dim).split(
+            [self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.n_kv_heads != self.n_heads:
             rep = self.n_heads // self.n_kv_heads
@@ -69,12 +70,12 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         hidden = ffn_hidden(cfg)
-        self.gate_proj = nn.Linear(cfg.dim, hidden, bias=False)
-        self.up_proj = nn.Linear(cfg.dim, hidden, bias=False)
+        self.gate_up_proj = nn.Linear(cfg.dim, 2 * hidden, bias=False)  # rows: gate, then up
         self.down_proj = nn.Linear(hidden, cfg.dim, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
