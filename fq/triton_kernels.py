@@ -9,9 +9,11 @@
 - `_line_quant_kernel`: per-row or per-column INT8 (weights; dY for the weight gradient only when
   the input-gradient GEMM is not quantized, else `quantize_grad` writes it) in one launch: each
   program owns whole lines and reads them twice.
-- `_fq_gemm_kernel`: INT8 tl.dot into one INT32 accumulator, row x column scales in the epilogue;
-  after the pipelined loop, the fallback tiles of the block's tile row are visited from a per-row
-  list and added in float32. The weight-gradient GEMM runs it without fallback (plain row-wise X).
+- `_fq_gemm_kernel`: INT8 tl.dot into one INT32 accumulator, row x column scales in the epilogue,
+  over every tile's first digit (the weight-gradient GEMM, plain row-wise X, is only this).
+- `_fallback_tail_kernel`: then adds the fallback tiles' remainder into C in float32, visiting
+  only the tile rows that have any (from their per-row lists). Inside the bulk GEMM this tail
+  held a second accumulator, which cost the GEMM 10-25% at 0% fallback on the H100.
 
 Each wrapper mirrors the reference function of the same name. Rounding: ties to even through the
 1.5 * 2**23 trick (exact IEEE float32 adds); divisions are div_rn; products that feed a rounding or
@@ -262,15 +264,10 @@ def _line_quant_kernel(x_ptr, s_l, s_d, L, D, mult_ptr, q_ptr, scale_ptr, seed,
 
 
 @triton.jit
-def _fq_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, r_ptr, count_ptr, order_ptr, c1_ptr, c2_ptr,
-                    M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn, s_r0, s_r1, s_o0, s_o1, s_f0, s_f1,
-                    TILE: tl.constexpr, FB: tl.constexpr, HAS_SB: tl.constexpr, RAW: tl.constexpr,
+def _fq_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn,
+                    HAS_SB: tl.constexpr, RAW: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """C = (A B) * sa[:, None] * sb[None, :] with INT8 A (M, K), B (K, N), plus (FB=1) the
-    fallback tiles of A; the block's rows lie in one tile row.
-
-    The fallback tiles of that tile row come as a list (count, order: flagged K tiles first), so
-    the tail visits only them, after the pipelined INT8 loop, with scalar multipliers."""
+    """C = (A B) * sa[:, None] * sb[None, :] with INT8 A (M, K), B (K, N); RAW: the INT32 sums."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -296,86 +293,107 @@ def _fq_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, r_ptr, count_ptr, order
     if RAW:
         tl.store(c_ptrs, acc, mask=cmask)
     else:
-        out = acc.to(tl.float32)
-        if FB != 0:
-            own = (pid_m * BLOCK_M) // TILE
-            for i in range(0, tl.load(count_ptr + own)):
-                kt = tl.load(order_ptr + own * s_o0 + i * s_o1)
-                fi = own * s_f0 + kt * s_f1
-                m1 = tl.load(c1_ptr + fi) - 1.0
-                m2 = tl.load(c2_ptr + fi)
-                for k0 in range(kt * TILE, tl.minimum(kt * TILE + TILE, K), BLOCK_K):
-                    amask = (rm[:, None] < M) & (k0 + rk[None, :] < K)
-                    bmask = (k0 + rk[:, None] < K) & (rn[None, :] < N)
-                    a = tl.load(a_ptr + rm[:, None] * s_am + (k0 + rk)[None, :] * s_ak, mask=amask, other=0)
-                    b = tl.load(b_ptr + (k0 + rk)[:, None] * s_bk + rn[None, :] * s_bn, mask=bmask, other=0)
-                    # (c1 - 1) * q.b: q already entered the bulk with weight 1; then c2 * residual.
-                    out += m1 * tl.dot(a, b, out_dtype=tl.int32).to(tl.float32)
-                    r = tl.load(r_ptr + rm[:, None] * s_r0 + (k0 + rk)[None, :] * s_r1, mask=amask, other=0)
-                    out += m2 * tl.dot(r, b, out_dtype=tl.int32).to(tl.float32)
-        out = out * tl.load(sa_ptr + rm, mask=rm < M, other=0.0)[:, None]
+        out = acc.to(tl.float32) * tl.load(sa_ptr + rm, mask=rm < M, other=0.0)[:, None]
         if HAS_SB:
             out = out * tl.load(sb_ptr + rn, mask=rn < N, other=0.0)[None, :]
         tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=cmask)
 
 
-def _gemm_configs(tile: int, fb: int) -> list:
-    """H100 candidates. With fallback, a block must sit inside one tile row; 128x128 blocks with 8 warps keep the tail's float32 output and INT32 product in
-    registers (the 128x256 ones spilled 60-200 registers there)."""
+@triton.jit
+def _fallback_tail_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, r_ptr, count_ptr, order_ptr, c1_ptr, c2_ptr,
+                          M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn, s_r0, s_r1, s_o0, s_o1, s_f0, s_f1,
+                          TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr):
+    """C += (sum over A's fallback tiles of (c1 - 1) q.b + c2 r.b) * sa * sb: what the bulk GEMM,
+    which took each fallback tile's q with weight 1, left out. A block's rows lie in one tile row,
+    whose fallback tiles come as a list (count, order); blocks of tile rows without any return at
+    once. Kept out of the bulk GEMM, whose registers its second accumulator would crowd."""
+    pid_m = tl.program_id(0)
+    own = (pid_m * BLOCK_M) // TILE
+    count = tl.load(count_ptr + own)
+    if count > 0:
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for i in range(0, count):
+            kt = tl.load(order_ptr + own * s_o0 + i * s_o1)
+            fi = own * s_f0 + kt * s_f1
+            m1 = tl.load(c1_ptr + fi) - 1.0
+            m2 = tl.load(c2_ptr + fi)
+            for k0 in range(kt * TILE, tl.minimum(kt * TILE + TILE, K), BLOCK_K):
+                amask = (rm[:, None] < M) & (k0 + rk[None, :] < K)
+                bmask = (k0 + rk[:, None] < K) & (rn[None, :] < N)
+                a = tl.load(a_ptr + rm[:, None] * s_am + (k0 + rk)[None, :] * s_ak, mask=amask, other=0)
+                b = tl.load(b_ptr + (k0 + rk)[:, None] * s_bk + rn[None, :] * s_bn, mask=bmask, other=0)
+                out += m1 * tl.dot(a, b, out_dtype=tl.int32).to(tl.float32)
+                r = tl.load(r_ptr + rm[:, None] * s_r0 + (k0 + rk)[None, :] * s_r1, mask=amask, other=0)
+                out += m2 * tl.dot(r, b, out_dtype=tl.int32).to(tl.float32)
+        out = out * tl.load(sa_ptr + rm, mask=rm < M, other=0.0)[:, None]
+        out = out * tl.load(sb_ptr + rn, mask=rn < N, other=0.0)[None, :]
+        cmask = (rm[:, None] < M) & (rn[None, :] < N)
+        c_ptrs = c_ptr + rm[:, None] * s_cm + rn[None, :] * s_cn
+        c = tl.load(c_ptrs, mask=cmask, other=0.0).to(tl.float32)
+        tl.store(c_ptrs, (c + out).to(c_ptr.dtype.element_ty), mask=cmask)
+
+
+def _gemm_configs() -> list:
+    """H100 candidates (swept with tools/bench_gemm.py --diag)."""
     shapes = [(128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 3, 8), (128, 128, 64, 4, 8),
-              (64, 256, 128, 3, 8), (256, 64, 128, 3, 8), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
-              (32, 128, 32, 4, 4), (128, 32, 32, 4, 4)]
-    ok = [(bm, bn, bk, s, w) for bm, bn, bk, s, w in shapes
-          if tile % bk == 0 and (fb != 1 or tile % bm == 0)]
+              (64, 256, 128, 3, 8)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
-            for bm, bn, bk, s, w in ok[:5]]
+            for bm, bn, bk, s, w in shapes]
 
 
-_TUNED: dict[tuple[int, int], object] = {}
+_TUNED: list = []
 
 
-def _gemm_launcher(tile: int, fb: int):
-    small = min(tile, 64)
+def _gemm_launcher():
     if INTERPRET:
-        return _fq_gemm_kernel, {"BLOCK_M": small, "BLOCK_N": small, "BLOCK_K": small, "GROUP_M": 4}
+        return _fq_gemm_kernel, {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
     if os.environ.get("FQ_NO_AUTOTUNE") == "1":  # quick GPU test runs: one fixed config
-        return _fq_gemm_kernel, {"BLOCK_M": small, "BLOCK_N": small, "BLOCK_K": small, "GROUP_M": 8,
+        return _fq_gemm_kernel, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8,
                                  "num_stages": 3, "num_warps": 4}
-    if (tile, fb) not in _TUNED:
-        _TUNED[tile, fb] = triton.autotune(_gemm_configs(tile, fb), key=["M", "N", "K", "HAS_SB", "RAW"])(
-            _fq_gemm_kernel)
-    return _TUNED[tile, fb], {}
+    if not _TUNED:
+        _TUNED.append(triton.autotune(_gemm_configs(), key=["M", "N", "K", "HAS_SB", "RAW"])(_fq_gemm_kernel))
+    return _TUNED[0], {}
 
 
-def _gemm(a, a_strides, b, b_strides, m, n, k, sa, sb, fb, fallback: TileQuant | None, r_strides,
-          out_dtype, tile: int, config: dict | None = None):
-    """Launch the GEMM; with `config` (block sizes, num_warps, num_stages) skip autotuning and
+def _gemm(a, a_strides, b, b_strides, m, n, k, sa, sb, out_dtype, config: dict | None = None):
+    """Launch the bulk GEMM; with `config` (block sizes, num_warps, num_stages) skip autotuning and
     return (C, compiled kernel) so benchmarks can read registers and spills."""
     c = torch.empty(m, n, dtype=out_dtype, device=a.device)
-    kernel, meta = (_fq_gemm_kernel, config) if config else _gemm_launcher(tile, fb)
+    kernel, meta = (_fq_gemm_kernel, config) if config else _gemm_launcher()
     kernel = kernel if config else _traceable(kernel)
-    if fallback is not None:
-        residual, count, order = fallback.q2, fallback.count, fallback.order
-        o_strides = (order.stride(0), order.stride(1))
-        f_strides = (fallback.c1.stride(0), fallback.c1.stride(1))
-        c1, c2 = fallback.c1, fallback.c2
-    else:
-        residual = count = order = a
-        c1 = c2 = sa
-        o_strides = f_strides = (0, 0)
     grid = lambda cfg: (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-    compiled = kernel[grid](a, b, c, sa, sb if sb is not None else sa, residual, count, order, c1, c2,
-                            m, n, k, a_strides[0], a_strides[1], b_strides[0], b_strides[1], c.stride(0), c.stride(1),
-                            r_strides[0], r_strides[1], o_strides[0], o_strides[1], f_strides[0], f_strides[1],
-                            TILE=tile, FB=fb, HAS_SB=sb is not None, RAW=out_dtype == torch.int32, **meta)
+    compiled = kernel[grid](a, b, c, sa, sb if sb is not None else sa, m, n, k, a_strides[0], a_strides[1],
+                            b_strides[0], b_strides[1], c.stride(0), c.stride(1),
+                            HAS_SB=sb is not None, RAW=out_dtype == torch.int32, **meta)
     return (c, compiled) if config else c
 
 
-def gemm_a_fallback(a: TileQuant, b_q: torch.Tensor, b_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+def _add_fallback_tail(c: torch.Tensor, a: TileQuant, b_q: torch.Tensor, b_scale: torch.Tensor) -> None:
     m, k = a.q.shape
     n = b_q.shape[0]
-    return _gemm(a.q, (a.q.stride(0), a.q.stride(1)), b_q, (b_q.stride(1), b_q.stride(0)), m, n, k,
-                 a.scale, b_scale, 1, a, (a.q2.stride(0), a.q2.stride(1)), out_dtype, a.tile)
+    block_m, block_k = min(a.tile, 64), min(a.tile, 64)
+    block_n = 32 if INTERPRET else 128
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    _traceable(_fallback_tail_kernel)[grid](
+        a.q, b_q, c, a.scale, b_scale, a.q2, a.count, a.order, a.c1, a.c2, m, n, k,
+        a.q.stride(0), a.q.stride(1), b_q.stride(1), b_q.stride(0), c.stride(0), c.stride(1),
+        a.q2.stride(0), a.q2.stride(1), a.order.stride(0), a.order.stride(1), a.c1.stride(0), a.c1.stride(1),
+        TILE=a.tile, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **({} if INTERPRET else {"num_warps": 4}))
+
+
+def gemm_a_fallback(a: TileQuant, b_q: torch.Tensor, b_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """The bulk GEMM over every tile's q, then the fallback tiles' remainder added into C. C is
+    rounded to out_dtype twice in tile rows with fallback tiles (bf16: one more half-ulp there)."""
+    m, k = a.q.shape
+    n = b_q.shape[0]
+    c = _gemm(a.q, (a.q.stride(0), a.q.stride(1)), b_q, (b_q.stride(1), b_q.stride(0)), m, n, k,
+              a.scale, b_scale, out_dtype)
+    _add_fallback_tail(c, a, b_q, b_scale)
+    return c
 
 
 def gemm_wgrad(a_q: torch.Tensor, a_scale: torch.Tensor, b_qt: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -383,7 +401,7 @@ def gemm_wgrad(a_q: torch.Tensor, a_scale: torch.Tensor, b_qt: torch.Tensor, out
     n, m = a_q.shape
     k = b_qt.shape[0]
     return _gemm(a_q, (a_q.stride(0), a_q.stride(1)), b_qt, (b_qt.stride(1), b_qt.stride(0)), n, k, m,
-                 a_scale, None, 0, None, (0, 0), out_dtype, 128)
+                 a_scale, None, out_dtype)
 
 
 def gemm_rowwise(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
@@ -392,7 +410,7 @@ def gemm_rowwise(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_
     m, k = a_q.shape
     n = b_q.shape[0]
     return _gemm(a_q, (a_q.stride(0), a_q.stride(1)), b_q, (b_q.stride(1), b_q.stride(0)), m, n, k, a_scale, b_scale,
-                 0, None, (0, 0), out_dtype, 128)
+                 out_dtype)
 
 
 def int_sums(a_q: torch.Tensor, b_q: torch.Tensor) -> torch.Tensor:
@@ -400,8 +418,8 @@ def int_sums(a_q: torch.Tensor, b_q: torch.Tensor) -> torch.Tensor:
     m, k = a_q.shape
     n = b_q.shape[0]
     ones = torch.ones(max(m, n), dtype=torch.float32, device=a_q.device)
-    return _gemm(a_q, (a_q.stride(0), a_q.stride(1)), b_q, (b_q.stride(1), b_q.stride(0)), m, n, k, ones, None, 0,
-                 None, (0, 0), torch.int32, 128)
+    return _gemm(a_q, (a_q.stride(0), a_q.stride(1)), b_q, (b_q.stride(1), b_q.stride(0)), m, n, k, ones, None,
+                 torch.int32)
 
 
 def quantize_act(x: torch.Tensor, tile: int, threshold: torch.Tensor | float, base_threshold: float,

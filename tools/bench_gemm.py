@@ -136,7 +136,8 @@ def bench_shape(m, k, n, tile, bench, device):
 
 
 def gemm_configs_diag(m, k, n, tile, bench, device):
-    """Every GEMM config on the three operand layouts at 5% fallback: time, registers, spills."""
+    """Every bulk GEMM config on the forward and weight-gradient layouts: time, registers, spills.
+    (The fallback tiles' remainder is a separate kernel: `fq.triton_kernels._fallback_tail_kernel`.)"""
     x = activations(m, k, 0.05, tile, device, seed=1)
     w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
     gy = torch.randn(m, n, device=device, dtype=torch.bfloat16)
@@ -146,15 +147,11 @@ def gemm_configs_diag(m, k, n, tile, bench, device):
     t_bf16 = bench(lambda: x @ w.t())
     out = []
     modes = {
-        "rowwise": (0, lambda meta: T._gemm(xq.q, (k, 1), wq, (1, k), m, n, k, xq.scale, ws, 0, None, (0, 0),
-                                            torch.bfloat16, tile, meta)),
-        "fwd_5%": (1, lambda meta: T._gemm(xq.q, (k, 1), wq, (1, k), m, n, k, xq.scale, ws, 1, xq, (k, 1),
-                                           torch.bfloat16, tile, meta)),
-        "dw": (0, lambda meta: T._gemm(dq_t, (m, 1), xq.qt, (1, m), n, k, m, ds, None, 0, None, (0, 0),
-                                       torch.bfloat16, tile, meta)),
+        "rowwise": lambda meta: T._gemm(xq.q, (k, 1), wq, (1, k), m, n, k, xq.scale, ws, torch.bfloat16, meta),
+        "dw": lambda meta: T._gemm(dq_t, (m, 1), xq.qt, (1, m), n, k, m, ds, None, torch.bfloat16, meta),
     }
-    for name, (fb, run) in modes.items():
-        for cfg in T._gemm_configs(tile, fb):
+    for name, run in modes.items():
+        for cfg in T._gemm_configs():
             meta = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             _, ck = run(meta)
             t = bench(lambda: run(meta))
