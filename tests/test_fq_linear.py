@@ -233,6 +233,10 @@ def test_compiled_blocks_trace_triton_fq_layers_without_graph_breaks():
     assert rel(outs[1][1], outs[0][1]) < 5e-2, rel(outs[1][1], outs[0][1])
     eager_stats, compiled_stats = outs[0][2], outs[1][2]
     assert eager_stats["fallback_ratio"] > 0
+    # A tile whose spike sits on the threshold can flip with that rounding: one tile moves a
+    # layer's ratio by 1/16 here (a 128-token batch, 128-wide dY of qkv_proj, tile 32), so a
+    # layer may differ by two tiles and the whole model by 5%.
     for key, value in eager_stats.items():
         if key.endswith("fallback_ratio"):
-            assert abs(compiled_stats[key] - value) <= 0.05, (key, compiled_stats[key], value)
+            tol = 2 / 16 if key.count("/") == 2 else 0.05  # fq/<layer>/...: one layer
+            assert abs(compiled_stats[key] - value) <= tol, (key, compiled_stats[key], value)
