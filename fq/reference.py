@@ -42,7 +42,8 @@ class TileQuant:
     qt: torch.Tensor | None = None  # (K, M) int8: round(a / scale_t[m]) transposed, for the weight gradient
     scale_t: torch.Tensor | None = None  # (M,) fp32 absmax(row) / 127 (no fallback); NaN on NaN/Inf rows
     # The Triton GEMM's fallback lists, written by the Triton quantization (as fallback_lists
-    # defines them); the reference GEMM does not need them, so the reference leaves them None.
+    # defines them) when fallback is on; the reference GEMM does not need them, so the
+    # reference leaves them None.
     count: torch.Tensor | None = None  # (Mt,) int32 fallback tiles per tile row
     order: torch.Tensor | None = None  # (Mt, Kt) int32 their K-tile indices first, ascending
 

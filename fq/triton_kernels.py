@@ -392,7 +392,8 @@ def gemm_a_fallback(a: TileQuant, b_q: torch.Tensor, b_scale: torch.Tensor, out_
     n = b_q.shape[0]
     c = _gemm(a.q, (a.q.stride(0), a.q.stride(1)), b_q, (b_q.stride(1), b_q.stride(0)), m, n, k,
               a.scale, b_scale, out_dtype)
-    _add_fallback_tail(c, a, b_q, b_scale)
+    if a.count is not None:  # None under fq.fallback=none: no tile can fall back
+        _add_fallback_tail(c, a, b_q, b_scale)
     return c
 
 
@@ -492,6 +493,8 @@ def _quantize_act(x, tile, threshold, base_threshold, fallback, seed, transposed
         x, x.stride(0), x.stride(1), m, k, kt, inv, flags, q, q2, qt, row_mult if cols else inv_t, cols_t[1], c1,
         c2, stats, seed or 0, (seed_t if cols else seed) or 0, TILE=tile, STOCHASTIC=seed is not None,
         TRANSPOSED=transposed, COLS=cols, num_warps=warps)
+    if not fallback:  # no fallback lists: gemm_a_fallback then skips the tail's launch
+        count = order = None
     if cols:
         return TileQuant(q, q2, scale, flags, c1, c2, stats, tile, count=count, order=order), qt, scale_t
     return TileQuant(q, q2, scale, flags, c1, c2, stats, tile, qt if transposed else None,

@@ -47,10 +47,13 @@ def assert_same_quant(a, b, m, k):
     fl = tile_mask(a.flags, a.tile, m, k)
     assert torch.equal(a.q2[fl], b.q2[fl])
     assert torch.equal(a.stats, b.stats)
-    count, order = R.fallback_lists(a.flags)
-    assert torch.equal(count, b.count)
-    for row, n in enumerate(count.tolist()):  # the GEMM reads each list up to its count
-        assert torch.equal(order[row, :n], b.order[row, :n])
+    if b.count is None:  # fallback off: no lists, and the GEMM launches no tail
+        assert not a.flags.any()
+    else:
+        count, order = R.fallback_lists(a.flags)
+        assert torch.equal(count, b.count)
+        for row, n in enumerate(count.tolist()):  # the GEMM reads each list up to its count
+            assert torch.equal(order[row, :n], b.order[row, :n])
     if a.qt is not None:
         assert torch.equal(a.qt, b.qt)
         assert same(a.scale_t, b.scale_t)
@@ -63,6 +66,7 @@ def test_quantize_matches_reference_bitwise(tile, m, k):
         a = R.quantize_act(x, tile, THR, THR, fallback, transposed=True)
         b = T.quantize_act(x, tile, THR, THR, fallback, transposed=True)
         assert_same_quant(a, b, m, k)
+        assert (b.count is None) == (not fallback)
     assert a.flags.any() or not fallback
 
 
