@@ -9,8 +9,10 @@
 - `_line_quant_kernel`: per-row or per-column INT8 (weights; dY for the weight gradient only when
   the input-gradient GEMM is not quantized, else `quantize_grad` writes it) in one launch: each
   program owns whole lines and reads them twice.
-- `_fq_gemm_kernel`: INT8 tl.dot into one INT32 accumulator, row x column scales in the epilogue,
-  over every tile's first digit (the weight-gradient GEMM, plain row-wise X, is only this).
+- `_fq_gemm_tma_kernel`: INT8 tl.dot into one INT32 accumulator, row x column scales in the
+  epilogue, over every tile's first digit (the weight-gradient GEMM, plain row-wise X, is only
+  this); persistent, operands through TMA descriptors (sm_90+, 16-byte aligned rows).
+  `_fq_gemm_kernel` computes the same with pointer loads, autotuned, for all other operands.
 - `_fallback_tail_kernel`: then adds the fallback tiles' remainder into C in float32, visiting
   only the tile rows that have any (from their per-row lists). Inside the bulk GEMM this tail
   held a second accumulator, which cost the GEMM 10-25% at 0% fallback on the H100.
@@ -27,6 +29,7 @@ launch the kernels directly.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 
 import torch
@@ -38,6 +41,7 @@ from torch.library import wrap_triton
 from fq.reference import NUM_STATS, SPREAD, TileQuant, num_tiles
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+log = logging.getLogger("fqtrain.fq")
 
 
 _TRACEABLE = [False]
@@ -264,18 +268,21 @@ def _line_quant_kernel(x_ptr, s_l, s_d, L, D, mult_ptr, q_ptr, scale_ptr, seed,
 
 
 @triton.jit
+def _tile_of(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Output block `pid` in grouped order: GROUP_M block rows share each B panel while in L2."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    group = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % group) % size_m, (pid % group) // size_m
+
+
+@triton.jit
 def _fq_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn,
                     HAS_SB: tl.constexpr, RAW: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """C = (A B) * sa[:, None] * sb[None, :] with INT8 A (M, K), B (K, N); RAW: the INT32 sums."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
+    pid_m, pid_n = _tile_of(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -293,10 +300,43 @@ def _fq_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, M, N, K, s_am, s_ak, s_
     if RAW:
         tl.store(c_ptrs, acc, mask=cmask)
     else:
-        out = acc.to(tl.float32) * tl.load(sa_ptr + rm, mask=rm < M, other=0.0)[:, None]
-        if HAS_SB:
-            out = out * tl.load(sb_ptr + rn, mask=rn < N, other=0.0)[None, :]
-        tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=cmask)
+        tl.store(c_ptrs, _scaled(acc, sa_ptr, sb_ptr, rm, rn, M, N, HAS_SB).to(c_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _scaled(acc, sa_ptr, sb_ptr, rm, rn, M, N, HAS_SB: tl.constexpr):
+    out = acc.to(tl.float32) * tl.load(sa_ptr + rm, mask=rm < M, other=0.0)[:, None]
+    if HAS_SB:
+        out = out * tl.load(sb_ptr + rn, mask=rn < N, other=0.0)[None, :]
+    return out
+
+
+@triton.jit
+def _fq_gemm_tma_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, M, N, K, s_am, s_bn, s_cm,
+                        HAS_SB: tl.constexpr, RAW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr):
+    """_fq_gemm_kernel's result through TMA descriptors (A (M, K), B (N, K), C (M, N), rows
+    contiguous; the copy engine fills blocks past an edge with zeros and clips stores),
+    persistent: PROGRAMS programs, one per SM, walk the output blocks in the same grouped order.
+    The descriptors are built on the device (in scratch memory from triton's allocator): under
+    torch.compile the launch then takes plain tensors."""
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[s_am, 1], block_shape=[BLOCK_M, BLOCK_K])
+    b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[s_bn, 1], block_shape=[BLOCK_N, BLOCK_K])
+    c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[s_cm, 1], block_shape=[BLOCK_M, BLOCK_N])
+    blocks = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for pid in tl.range(tl.program_id(0), blocks, PROGRAMS, flatten=True):
+        pid_m, pid_n = _tile_of(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        om = pid_m * BLOCK_M
+        on = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            acc = tl.dot(a_desc.load([om, k0]), b_desc.load([on, k0]).T, acc, out_dtype=tl.int32)
+        if RAW:
+            c_desc.store([om, on], acc)
+        else:
+            rm = om + tl.arange(0, BLOCK_M)
+            rn = on + tl.arange(0, BLOCK_N)
+            c_desc.store([om, on], _scaled(acc, sa_ptr, sb_ptr, rm, rn, M, N, HAS_SB).to(c_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -359,16 +399,77 @@ def _gemm_launcher():
     return _TUNED[0], {}
 
 
-def _gemm(a, a_strides, b, b_strides, m, n, k, sa, sb, out_dtype, config: dict | None = None):
-    """Launch the bulk GEMM; with `config` (block sizes, num_warps, num_stages) skip autotuning and
-    return (C, compiled kernel) so benchmarks can read registers and spills."""
+# The TMA kernel's configuration, from an H100 sweep (2026-11-23; docs/fq.md, "GEMM kernels"):
+# persistent 128 x 256 x 128 blocks, 3 stages, 8 warps led at every Llama shape tried but two,
+# where it trailed the autotuned pointer kernel by 2-3%. A 4-byte C block (float32, int32) would
+# take the shared memory past the H100's 227 KiB beside 3 stages, so those get 128 x 128.
+_TMA_META = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8, "num_stages": 3, "num_warps": 8}
+_TMA_META_WIDE_C = dict(_TMA_META, BLOCK_N=128)
+_TMA_META_INTERPRET = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
+_PROGRAMS: dict = {}
+_NOTED: set = set()
+
+
+def _tma_unfit(*tensors: torch.Tensor) -> str | None:
+    """Why the TMA kernel cannot take these 2-D operands (None: it can). TMA needs sm_90+ and
+    rows that start 16-byte aligned; allocations are, so a storage offset and the row stride
+    decide (no data_ptr: under torch.compile these are fake tensors)."""
+    dev = tensors[0].device
+    if dev.type == "cuda" and not INTERPRET and torch.cuda.get_device_capability(dev) < (9, 0):
+        cap = torch.cuda.get_device_capability(dev)
+        return f"sm_{cap[0]}{cap[1]} has no TMA"
+    for t in tensors:
+        size = t.element_size()
+        if t.stride(1) != 1 or (t.stride(0) * size) % 16 or (t.storage_offset() * size) % 16:
+            return f"rows of a {t.dtype} {tuple(t.shape)} operand are not 16-byte aligned"
+    return None
+
+
+def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _programs(device: torch.device) -> int:
+    if INTERPRET:
+        return 2  # enough to exercise the persistent loop's stride
+    if device not in _PROGRAMS:
+        _PROGRAMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _PROGRAMS[device]
+
+
+def _gemm(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor | None, out_dtype: torch.dtype,
+          config: dict | None = None, tma: bool | None = None):
+    """C = (a @ b.T) * sa[:, None] (* sb[None, :]) for INT8 a (M, K) and b (N, K), both K-major
+    (INT8 tensor cores want that); out_dtype int32: the raw sums. The TMA kernel when the
+    operands allow it (`tma` forces either kernel, for tests), else the autotuned pointer kernel,
+    which the log names once per reason. With `config` (block sizes, num_warps, num_stages) the
+    pointer kernel runs it untuned and (C, compiled kernel) comes back, for benchmarks."""
+    m, k = a.shape
+    n = b.shape[0]
     c = torch.empty(m, n, dtype=out_dtype, device=a.device)
+    flags = {"HAS_SB": sb is not None, "RAW": out_dtype == torch.int32}
+    sb = sb if sb is not None else sa
+    why_not = "a configuration was given" if config else "forced by the caller" if tma is False else _tma_unfit(a, b, c)
+    if tma and why_not:
+        raise ValueError(f"_gemm: the TMA kernel cannot run: {why_not}")
+    if why_not is None:
+        meta = _TMA_META_INTERPRET if INTERPRET else _TMA_META if c.element_size() <= 2 else _TMA_META_WIDE_C
+        programs = min(_programs(a.device), triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]))
+        # The descriptors' scratch (128 B each). Under torch.compile inductor sets its own
+        # allocator before each launch; this one serves eager launches. Set per call: triton
+        # keeps it per thread, and the backward runs in autograd's threads.
+        triton.set_allocator(_scratch)
+        _traceable(_fq_gemm_tma_kernel)[(programs,)](a, b, c, sa, sb, m, n, k, a.stride(0), b.stride(0), c.stride(0),
+                                                     PROGRAMS=programs, **flags, **meta)
+        return c
+    if not config and tma is None and why_not not in _NOTED:
+        _NOTED.add(why_not)
+        log.info("fq: %s, so that GEMM (and any like it) runs the pointer-based kernel, not the TMA one", why_not)
     kernel, meta = (_fq_gemm_kernel, config) if config else _gemm_launcher()
     kernel = kernel if config else _traceable(kernel)
     grid = lambda cfg: (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-    compiled = kernel[grid](a, b, c, sa, sb if sb is not None else sa, m, n, k, a_strides[0], a_strides[1],
-                            b_strides[0], b_strides[1], c.stride(0), c.stride(1),
-                            HAS_SB=sb is not None, RAW=out_dtype == torch.int32, **meta)
+    compiled = kernel[grid](a, b, c, sa, sb, m, n, k, a.stride(0), a.stride(1), b.stride(1), b.stride(0),
+                            c.stride(0), c.stride(1), **flags, **meta)
     return (c, compiled) if config else c
 
 
@@ -388,10 +489,7 @@ def _add_fallback_tail(c: torch.Tensor, a: TileQuant, b_q: torch.Tensor, b_scale
 def gemm_a_fallback(a: TileQuant, b_q: torch.Tensor, b_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """The bulk GEMM over every tile's q, then the fallback tiles' remainder added into C. C is
     rounded to out_dtype twice in tile rows with fallback tiles (bf16: one more half-ulp there)."""
-    m, k = a.q.shape
-    n = b_q.shape[0]
-    c = _gemm(a.q, (a.q.stride(0), a.q.stride(1)), b_q, (b_q.stride(1), b_q.stride(0)), m, n, k,
-              a.scale, b_scale, out_dtype)
+    c = _gemm(a.q, b_q, a.scale, b_scale, out_dtype)
     if a.count is not None:  # None under fq.fallback=none: no tile can fall back
         _add_fallback_tail(c, a, b_q, b_scale)
     return c
@@ -399,28 +497,20 @@ def gemm_a_fallback(a: TileQuant, b_q: torch.Tensor, b_scale: torch.Tensor, out_
 
 def gemm_wgrad(a_q: torch.Tensor, a_scale: torch.Tensor, b_qt: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """B is read from its transposed digits (K, M): INT8 tensor cores want both operands K-major."""
-    n, m = a_q.shape
-    k = b_qt.shape[0]
-    return _gemm(a_q, (a_q.stride(0), a_q.stride(1)), b_qt, (b_qt.stride(1), b_qt.stride(0)), n, k, m,
-                 a_scale, None, out_dtype)
+    return _gemm(a_q, b_qt, a_scale, None, out_dtype)
 
 
 def gemm_rowwise(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
                  out_dtype: torch.dtype) -> torch.Tensor:
     """Plain row-wise INT8 GEMM without fallback, C = (A B^T) * sa * sb: the peer in benchmarks."""
-    m, k = a_q.shape
-    n = b_q.shape[0]
-    return _gemm(a_q, (a_q.stride(0), a_q.stride(1)), b_q, (b_q.stride(1), b_q.stride(0)), m, n, k, a_scale, b_scale,
-                 out_dtype)
+    return _gemm(a_q, b_q, a_scale, b_scale, out_dtype)
 
 
-def int_sums(a_q: torch.Tensor, b_q: torch.Tensor) -> torch.Tensor:
-    """Exact INT32 a_q @ b_q^T through the GEMM kernel's INT32 accumulator (for tests)."""
-    m, k = a_q.shape
-    n = b_q.shape[0]
-    ones = torch.ones(max(m, n), dtype=torch.float32, device=a_q.device)
-    return _gemm(a_q, (a_q.stride(0), a_q.stride(1)), b_q, (b_q.stride(1), b_q.stride(0)), m, n, k, ones, None,
-                 torch.int32)
+def int_sums(a_q: torch.Tensor, b_q: torch.Tensor, tma: bool | None = None) -> torch.Tensor:
+    """Exact INT32 a_q @ b_q^T through a GEMM kernel's INT32 accumulator (for tests; `tma` as in
+    _gemm)."""
+    ones = torch.ones(a_q.shape[0], dtype=torch.float32, device=a_q.device)
+    return _gemm(a_q, b_q, ones, None, torch.int32, tma=tma)
 
 
 def quantize_act(x: torch.Tensor, tile: int, threshold: torch.Tensor | float, base_threshold: float,

@@ -125,7 +125,47 @@ def test_int32_sums_bitwise():
     assert torch.equal(T.int_sums(a, b), R.int_sums(a, b))
 
 
-@pytest.mark.parametrize("tile,m,k,n", [(32, 100, 96, 70), (64, 129, 200, 65), (128, 150, 260, 140)])
+# Aligned for TMA, with edges inside every block dimension (interpreter blocks 32, GPU 128 x 256 x 128).
+TMA_SHAPES = [(100, 80, 72), (300, 272, 264)] if DEV == "cuda" else [(100, 80, 72)]
+
+
+@pytest.mark.parametrize("m,k,n", TMA_SHAPES)
+def test_tma_and_pointer_gemm_kernels_agree_bitwise(m, k, n):
+    g = torch.Generator().manual_seed(m)
+    a = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8).to(DEV)
+    b = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8).to(DEV)
+    a[:, -1] = 127  # the last column, in the block the copy engine pads with zeros
+    b[:, -1] = -127
+    assert T._tma_unfit(a, b, torch.empty(m, n, device=DEV)) is None
+    assert torch.equal(T.int_sums(a, b, tma=True), R.int_sums(a, b))
+    assert torch.equal(T.int_sums(a, b, tma=False), R.int_sums(a, b))
+    sa, sb = rand(m, seed=1).abs(), rand(n, seed=2).abs()
+    for dtype in (torch.float32, torch.bfloat16):
+        for scale_b in (sb, None):
+            tma = T._gemm(a, b, sa, scale_b, dtype, tma=True)
+            ptr = T._gemm(a, b, sa, scale_b, dtype, tma=False)
+            assert tma.dtype == dtype and torch.equal(tma, ptr), (dtype, scale_b is None)
+
+
+def test_gemm_kernel_choice_is_logged_once(caplog):
+    a = torch.zeros(64, 100, dtype=torch.int8, device=DEV)  # 100-byte rows: no TMA
+    b = torch.zeros(32, 100, dtype=torch.int8, device=DEV)
+    why = T._tma_unfit(a, b)
+    assert why is not None and "16-byte" in why
+    assert T._tma_unfit(a[:, :96].contiguous(), b[:, :96].contiguous()) is None
+    base = torch.zeros(64, 96, dtype=torch.int8, device=DEV)
+    assert T._tma_unfit(base[1:]) is None and T._tma_unfit(base[:, 8:]) is not None  # rows start 96 / 8 B in
+    with pytest.raises(ValueError, match="TMA kernel cannot run"):
+        T._gemm(a, b, torch.ones(64, device=DEV), None, torch.float32, tma=True)
+    T._NOTED.discard(why)
+    with caplog.at_level("INFO", logger="fqtrain.fq"):
+        for _ in range(2):
+            T.int_sums(a, b)
+    assert sum("pointer-based kernel" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("tile,m,k,n", [(32, 100, 96, 70), (64, 129, 200, 65), (128, 150, 260, 140),
+                                        (32, 96, 64, 48)])  # the last: every GEMM on the TMA kernel
 def test_three_gemms_match_reference(tile, m, k, n):
     x = with_outliers(m, k, seed=5)
     w = rand(n, k, seed=6, scale=0.05)
