@@ -67,9 +67,12 @@ def check_config(cfg: C.Config, world_size: int, device_type: str) -> None:
     ) if bad]
     if unsupported:
         key = unsupported[0][0]
-        raise C.ConfigError(f"{key}={getattr(getattr(cfg, key.split('.')[0]), key.split('.')[1])!r} is "
-                            f"not supported with parallel.engine='deepspeed'; leave it at its default "
-                            f"or use parallel.engine=fsdp")
+        section, name = key.split(".")
+        default = getattr(getattr(C.Config(), section), name)
+        default = str(default).lower() if isinstance(default, bool) else default if default != "" else "''"
+        raise C.ConfigError(f"{key}={getattr(getattr(cfg, section), name)!r} is not supported with "
+                            f"parallel.engine='deepspeed'; set --{key}={default} (shipped GPU configs turn "
+                            f"train.compile on) or use parallel.engine=fsdp")
 
 
 def deepspeed_config(cfg: C.Config, world_size: int, compute_dtype: torch.dtype) -> dict:

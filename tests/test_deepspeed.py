@@ -40,11 +40,12 @@ def test_int8_wire_on_cpu_is_a_config_error_naming_keys_and_fix():
 
 @needs_deepspeed
 def test_fsdp_only_options_are_config_errors():
-    for override, key in (("--parallel.dp_replicate=2", "parallel.dp_replicate"),
-                          ("--parallel.error_feedback=true", "parallel.error_feedback"),
-                          ("--checkpoint.async_save=true", "checkpoint.async_save"),
-                          ("--train.compile=true", "train.compile")):
-        with pytest.raises(C.ConfigError, match=f"^{key}=.*not supported with parallel.engine='deepspeed'"):
+    for override, key, fix in (("--parallel.dp_replicate=2", "parallel.dp_replicate", "1"),
+                               ("--parallel.error_feedback=true", "parallel.error_feedback", "false"),
+                               ("--checkpoint.async_save=true", "checkpoint.async_save", "false"),
+                               ("--train.compile=true", "train.compile", "false")):
+        with pytest.raises(C.ConfigError, match=f"^{key}=.*not supported with parallel.engine='deepspeed'; "
+                                                f"set --{key}={fix} "):
             deepspeed_engine.check_config(cfg_of(*FP32_WIRE, override), 2, "cpu")
 
 

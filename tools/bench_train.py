@@ -54,7 +54,9 @@ def row_overrides(name: str) -> list[str]:
     unknown = [m for m in mods if m not in MODIFIERS] + ([] if base in ROWS else [base])
     if unknown:
         sys.exit(f"--rows: unknown {unknown} in '{name}'; rows are {list(ROWS)}, suffixes +{', +'.join(MODIFIERS)}")
-    return [*ROWS[base], *(o for m in mods for o in MODIFIERS[m])]
+    # Explicit either way: the GPU configs turn train.compile on, and a row without +compile is eager.
+    compile_flag = [] if "compile" in mods else ["--train.compile=false"]
+    return [*ROWS[base], *compile_flag, *(o for m in mods for o in MODIFIERS[m])]
 
 
 def random_dataset(prefix: str, vocab: int, tokens: int, seed: int = 0) -> None:
