@@ -69,10 +69,14 @@ def check_config(cfg: C.Config, world_size: int, device_type: str) -> None:
         key = unsupported[0][0]
         section, name = key.split(".")
         default = getattr(getattr(C.Config(), section), name)
-        default = str(default).lower() if isinstance(default, bool) else default if default != "" else "''"
+        if isinstance(default, bool):
+            default = str(default).lower()
+        elif default == "":
+            default = "''"
+        why = " (the shipped GPU configs turn it on)" if key == "train.compile" else ""
         raise C.ConfigError(f"{key}={getattr(getattr(cfg, section), name)!r} is not supported with "
-                            f"parallel.engine='deepspeed'; set --{key}={default} (shipped GPU configs turn "
-                            f"train.compile on) or use parallel.engine=fsdp")
+                            f"parallel.engine='deepspeed'{why}; set --{key}={default} or use "
+                            f"parallel.engine=fsdp")
 
 
 def deepspeed_config(cfg: C.Config, world_size: int, compute_dtype: torch.dtype) -> dict:

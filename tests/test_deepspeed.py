@@ -44,7 +44,7 @@ def test_fsdp_only_options_are_config_errors():
                                ("--parallel.error_feedback=true", "parallel.error_feedback", "false"),
                                ("--checkpoint.async_save=true", "checkpoint.async_save", "false"),
                                ("--train.compile=true", "train.compile", "false")):
-        with pytest.raises(C.ConfigError, match=f"^{key}=.*not supported with parallel.engine='deepspeed'; "
+        with pytest.raises(C.ConfigError, match=f"^{key}=.*not supported with parallel.engine='deepspeed'.*; "
                                                 f"set --{key}={fix} "):
             deepspeed_engine.check_config(cfg_of(*FP32_WIRE, override), 2, "cpu")
 
