@@ -407,6 +407,7 @@ _TMA_META = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8, "num_
 _TMA_META_WIDE_C = dict(_TMA_META, BLOCK_N=128)
 _TMA_META_INTERPRET = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
 _PROGRAMS: dict = {}
+_CAPABILITY: dict = {}
 _NOTED: set = set()
 
 
@@ -415,9 +416,12 @@ def _tma_unfit(*tensors: torch.Tensor) -> str | None:
     rows that start 16-byte aligned; allocations are, so a storage offset and the row stride
     decide (no data_ptr: under torch.compile these are fake tensors)."""
     dev = tensors[0].device
-    if dev.type == "cuda" and not INTERPRET and torch.cuda.get_device_capability(dev) < (9, 0):
-        cap = torch.cuda.get_device_capability(dev)
-        return f"sm_{cap[0]}{cap[1]} has no TMA"
+    if dev.type == "cuda" and not INTERPRET:
+        if dev not in _CAPABILITY:  # once per device: this runs on every eager GEMM call
+            _CAPABILITY[dev] = torch.cuda.get_device_capability(dev)
+        cap = _CAPABILITY[dev]
+        if cap < (9, 0):
+            return f"sm_{cap[0]}{cap[1]} has no TMA"
     for t in tensors:
         size = t.element_size()
         if t.stride(1) != 1 or (t.stride(0) * size) % 16 or (t.storage_offset() * size) % 16:
