@@ -29,6 +29,7 @@ launch the kernels directly.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 
@@ -406,9 +407,13 @@ def _gemm_launcher():
 _TMA_META = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8, "num_stages": 3, "num_warps": 8}
 _TMA_META_WIDE_C = dict(_TMA_META, BLOCK_N=128)
 _TMA_META_INTERPRET = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
-_PROGRAMS: dict = {}
-_CAPABILITY: dict = {}
 _NOTED: set = set()
+
+
+@functools.cache
+def _props(device: torch.device):
+    """The device's properties, read once: the GEMM wrapper asks on every eager call."""
+    return torch.cuda.get_device_properties(device)
 
 
 def _tma_unfit(*tensors: torch.Tensor) -> str | None:
@@ -416,12 +421,8 @@ def _tma_unfit(*tensors: torch.Tensor) -> str | None:
     rows that start 16-byte aligned; allocations are, so a storage offset and the row stride
     decide (no data_ptr: under torch.compile these are fake tensors)."""
     dev = tensors[0].device
-    if dev.type == "cuda" and not INTERPRET:
-        if dev not in _CAPABILITY:  # once per device: this runs on every eager GEMM call
-            _CAPABILITY[dev] = torch.cuda.get_device_capability(dev)
-        cap = _CAPABILITY[dev]
-        if cap < (9, 0):
-            return f"sm_{cap[0]}{cap[1]} has no TMA"
+    if dev.type == "cuda" and not INTERPRET and _props(dev).major < 9:
+        return f"sm_{_props(dev).major}{_props(dev).minor} has no TMA"
     for t in tensors:
         size = t.element_size()
         if t.stride(1) != 1 or (t.stride(0) * size) % 16 or (t.storage_offset() * size) % 16:
@@ -434,11 +435,8 @@ def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
 
 
 def _programs(device: torch.device) -> int:
-    if INTERPRET:
-        return 2  # enough to exercise the persistent loop's stride
-    if device not in _PROGRAMS:
-        _PROGRAMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _PROGRAMS[device]
+    # In the interpreter 2 are enough to exercise the persistent loop's stride.
+    return 2 if INTERPRET else _props(device).multi_processor_count
 
 
 def _gemm(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor | None, out_dtype: torch.dtype,
