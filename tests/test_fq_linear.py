@@ -209,7 +209,7 @@ def test_compiled_blocks_run_fq_layers_as_they_are(monkeypatch):
 def test_compiled_blocks_trace_triton_fq_layers_without_graph_breaks():
     """On the GPU the FQ layers are torch.library ops (fq/ops.py): a compiled block traces
     through them in one graph and launches their kernels itself, with the same results and
-    telemetry as eager mode."""
+    telemetry as eager mode, in training and in validation (eval mode, no_grad)."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
@@ -226,6 +226,14 @@ def test_compiled_blocks_trace_triton_fq_layers_without_graph_breaks():
             loss = model(tokens).float().logsumexp(-1).mean()
         loss.backward()
         outs.append((loss.detach(), model.layers[0].mlp.down_proj.weight.grad, collect_stats(model)))
+    # Validation: eval mode under no_grad, as the trainer's evaluate() runs it.
+    evals = []
+    for model in (eager, compiled):
+        model.eval()
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            evals.append(model(tokens).float().logsumexp(-1).mean())
+    assert rel(evals[1], evals[0]) < 1e-3, evals
+    assert rel(evals[0], outs[0][0]) < 1e-3, (evals[0], outs[0][0])  # same weights as the training pass
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert compiled.layers[0].mlp.gate_up_proj.last_backend == "triton"
     # Compiled code rounds the bf16 values around the layers differently: close, not equal.
