@@ -357,13 +357,13 @@ def _fallback_tail_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, r_ptr, count_ptr,
     blocks_m = TILE // BLOCK_M
     blocks_n = tl.cdiv(N, BLOCK_N)
     n_m = tl.sum(active, axis=0) * blocks_m  # row blocks to visit
+    rk = tl.arange(0, TILE)
     for w in tl.range(tl.program_id(0), n_m * blocks_n, tl.num_programs(0)):
         wm = w % n_m  # row blocks fastest: programs running together share B's columns
         wn = w // n_m
         own = tl.sum(tl.where((active > 0) & (rank == wm // blocks_m + 1), rows_t, 0), axis=0)
         rm = (own * blocks_m + wm % blocks_m) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = wn * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, TILE)
         out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for i in range(0, tl.load(count_ptr + own)):
             kt = tl.load(order_ptr + own * s_o0 + i * s_o1)
@@ -378,8 +378,7 @@ def _fallback_tail_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, r_ptr, count_ptr,
             r = tl.load(r_ptr + rm[:, None] * s_r0 + ks[None, :] * s_r1, mask=amask, other=0)
             out += (m1 * tl.dot(a, b, out_dtype=tl.int32).to(tl.float32)
                     + m2 * tl.dot(r, b, out_dtype=tl.int32).to(tl.float32))
-        out = out * tl.load(sa_ptr + rm, mask=rm < M, other=0.0)[:, None]
-        out = out * tl.load(sb_ptr + rn, mask=rn < N, other=0.0)[None, :]
+        out = _scaled(out, sa_ptr, sb_ptr, rm, rn, M, N, True)
         cmask = (rm[:, None] < M) & (rn[None, :] < N)
         c_ptrs = c_ptr + rm[:, None] * s_cm + rn[None, :] * s_cn
         c = tl.load(c_ptrs, mask=cmask, other=0.0).to(tl.float32)
