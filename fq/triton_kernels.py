@@ -578,7 +578,9 @@ def _quantize_act(x, tile, threshold, base_threshold, fallback, seed, transposed
     else:  # a fill on the device, not a host-to-device copy
         thr = torch.full((1,), float(threshold), dtype=torch.float32, device=dev)
     flags = torch.empty(mt, kt, dtype=torch.int8, device=dev)
-    scale, inv = torch.empty(2, m, dtype=torch.float32, device=dev).unbind(0)
+    # Two tensors, not two views of one: torch.compile cannot write a kernel's output into one
+    # view while the other is live, so it would add copies (three launches per call).
+    scale, inv = (torch.empty(m, dtype=torch.float32, device=dev) for _ in range(2))
     # Whole rows' scales (X for the weight gradient) or columns' (dY for it), only if transposed;
     # their own tensors, since they leave the op (fq/ops.py) and an op's outputs may not be views.
     scale_t, inv_t = ((torch.empty(k if cols else m, dtype=torch.float32, device=dev) for _ in range(2))
