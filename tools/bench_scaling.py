@@ -1,13 +1,14 @@
 """Weak scaling of the trainer: tokens/s per GPU at 1, 2, 4, 8 processes, the per-GPU batch fixed.
 
     python tools/bench_scaling.py --config configs/llama-1b.toml --nprocs 1,2,4,8 \\
-        --rows fq+bf16comm,fq --per-gpu-batch 8 --train.micro_batch_size=4 --out scaling.json
+        --rows fq+bf16comm+compile,fq+compile --per-gpu-batch 8 --train.micro_batch_size=4 --out scaling.json
     NCCL over sockets: add --sockets.   Plot from the JSON: --plot scaling.json --plot-dir docs/img
 
 Each (row, N) is one tools/bench_train.py row run with --nproc N and train.global_batch_size =
 per-GPU batch x N; efficiency is tokens/s per GPU at N over the same row's at 1 process.
 Rows and suffixes as in bench_train (e.g. `fq` = FQ with INT8 comms, `fq+bf16comm` = FQ with
-bf16 all-gather / fp32 reduce-scatter).
+bf16 all-gather / fp32 reduce-scatter). The default rows are compiled, as the GPU configs run: a
+row without +compile is eager, and eager FQ is bound by Python launches (docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def plot(path: str, out_dir: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=os.path.join(ROOT, "configs", "llama-1b.toml"))
-    ap.add_argument("--rows", default="fq+bf16comm,fq")
+    ap.add_argument("--rows", default="fq+bf16comm+compile,fq+compile")
     ap.add_argument("--nprocs", default="1,2,4,8")
     ap.add_argument("--per-gpu-batch", type=int, default=8, help="samples per GPU per step")
     ap.add_argument("--steps", type=int, default=20)
