@@ -272,6 +272,35 @@ def convert(model: nn.Module, config: FQConfig) -> nn.Module:
     return model
 
 
+def layer_state(model: nn.Module) -> dict[str, dict]:
+    """What training changes in each FQ layer besides its weights: the thresholds the budget
+    policy adapts on the device, and the stochastic-rounding call counter its seeds come from.
+    Checkpoints keep it per rank (train/checkpoint.py), since budgets adapt to each rank's data."""
+    return {m.fq_name: {"thr": m.fq_thr.detach().cpu().clone(), "seed_calls": m._seed_calls}
+            for m in model.modules() if isinstance(m, FQLinear)}
+
+
+def load_layer_state(model: nn.Module, state: dict[str, dict]) -> list[str]:
+    """Restore `layer_state`; returns the names of the layers that have such state (budget policy
+    or stochastic rounding) and that `state` has nothing for. Thresholds are restored only under
+    fallback="budget" (otherwise they are the config's, which a resumed run may change), and
+    never below the configured threshold."""
+    missing = []
+    for m in model.modules():
+        if not isinstance(m, FQLinear):
+            continue
+        saved = state.get(m.fq_name)
+        if saved is None:
+            if m.budget() or m.fq_config.stochastic_rounding:
+                missing.append(m.fq_name)
+            continue
+        m._seed_calls = int(saved["seed_calls"])
+        if m.budget():
+            with torch.no_grad():
+                m.fq_thr.copy_(saved["thr"].clamp_min(m.fq_config.threshold))
+    return missing
+
+
 def collect_stats(model: nn.Module, reset: bool = True) -> dict[str, float]:
     """Telemetry since the last reset: one device read for the whole model."""
     layers = [m for m in model.modules() if isinstance(m, FQLinear)]

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from fq import FQConfig, FQLinear, collect_stats, convert
+from fq.linear import layer_state, load_layer_state
 from train.config import ModelConfig
 from train.model import Transformer
 
@@ -156,6 +157,26 @@ def fql_module_root(layer):
     root = nn.Module()
     root.layer = layer
     return root
+
+
+def test_layer_state_restores_budget_thresholds_and_seed_counters():
+    def layer(**kw):
+        return fql_module_root(FQLinear(64, 32, bias=False, config=FQConfig(tile=32, **kw), name="layer"))
+
+    src = layer(fallback="budget", threshold=4.0, stochastic_rounding=True)
+    src.layer.fq_thr.copy_(torch.tensor([9.0, 2.0]))  # one above, one below the configured 4
+    src.layer._seed_calls = 7
+    state = layer_state(src)
+    dst = layer(fallback="budget", threshold=4.0, stochastic_rounding=True)
+    assert load_layer_state(dst, state) == []
+    assert dst.layer.fq_thr.tolist() == [9.0, 4.0] and dst.layer._seed_calls == 7
+    # Under the fixed-threshold policy the config's threshold stands (a resumed run may change it).
+    fixed = layer(threshold=6.0)
+    assert load_layer_state(fixed, state) == [] and fixed.layer.fq_thr.tolist() == [6.0, 6.0]
+    # Missing state is reported only for layers that have state to miss.
+    assert load_layer_state(layer(fallback="budget"), {}) == ["layer"]
+    assert load_layer_state(layer(stochastic_rounding=True), {}) == ["layer"]
+    assert load_layer_state(layer(), {}) == []
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -260,3 +260,28 @@ def test_signal_saves_at_an_agreed_step_and_exits_0(default_cache, tmp_path, npr
     assert 2 <= step < 500 and f"stopped at step {step} on request" in out
     assert f"received {sig.name}" in out
     assert max(losses(run)) == step
+
+
+# A low threshold flags many tiles and a tiny budget then raises each layer's thresholds from
+# the first step; stochastic rounding draws its seeds from per-layer call counters. Both are
+# per-rank state that an exact resume has to restore.
+FQ_STATE = ["--fq.fallback=budget", "--fq.threshold=1.5", "--fq.budget=0.001", "--fq.stochastic_rounding=true",
+            "--fq.tile=32"]
+
+
+def test_exact_resume_restores_fq_layer_state(default_cache, tmp_path):
+    cache = default_cache["cache"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    ck = straight / "ck"
+    train(cache, straight, "--train.steps=6", "--checkpoint.interval=3", f"--checkpoint.dir={ck}", *FQ_STATE,
+          nproc=2)
+    saved = torch.load(ck / "step-00000003" / "rng-rank1.pt", weights_only=False)["fq"]
+    assert saved and all(s["seed_calls"] > 0 for s in saved.values())
+    assert any(bool((s["thr"] > 1.5).any()) for s in saved.values()), "the budget never moved a threshold"
+    train(cache, resumed, "--train.steps=6", "--checkpoint.interval=3", f"--checkpoint.resume={ck / 'step-00000003'}",
+          f"--checkpoint.dir={resumed / 'ck'}", *FQ_STATE, nproc=2)
+    a, b = losses(straight), losses(resumed)
+    assert sorted(b) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert b[step] == a[step], (step, b[step], a[step])
+    assert_same_state(str(ck / "step-00000006"), str(resumed / "ck" / "step-00000006"))

@@ -5,7 +5,8 @@ Layout: {checkpoint.dir}/step-{N:08d}/ holds
 - `__{rank}_{i}.distcp` + `.metadata`: DCP shards of the FP32 master weights ("model") and the
   AdamW state ("optim"); DCP reshards them on load, so a run resumes on any number of ranks;
 - `train_state.json`: step, data position (`consumed_samples`), tokens seen, LR scheduler;
-- `rng-rank{R}.pt`: python, numpy, torch (and CUDA) RNG states of each rank;
+- `rng-rank{R}.pt`: python, numpy, torch (and CUDA) RNG states of each rank, and its FQ layer
+  state (`fq.linear.layer_state`: budget thresholds, stochastic-rounding counters);
 - `config.toml`: the resolved config of the run that saved it;
 - `manifest.json`, written last: size and crc32 of every other file (DCP has no checksums).
 
@@ -40,6 +41,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 
+from fq import linear as fq_linear
 from train import config as C
 
 log = logging.getLogger("fqtrain")
@@ -187,7 +189,7 @@ class Checkpointer:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": self._untied(model_sd), "optim": optim_sd}
         # Small files first: they are written synchronously and checksummed with the shards.
-        torch.save(_rng_state(), os.path.join(tmp, f"rng-rank{self.rank}.pt"))
+        torch.save({**_rng_state(), "fq": fq_linear.layer_state(model)}, os.path.join(tmp, f"rng-rank{self.rank}.pt"))
         if self.rank == 0:
             meta = {**train_state, "scheduler": scheduler.state_dict(), "world_size": self.world_size}
             _write_text(os.path.join(tmp, "train_state.json"), json.dumps(meta, indent=1))
@@ -311,10 +313,16 @@ class Checkpointer:
         scheduler.load_state_dict(train_state.pop("scheduler"))
         rng_file = os.path.join(path, f"rng-rank{self.rank}.pt")
         if train_state.get("world_size") == self.world_size:
-            _set_rng_state(torch.load(rng_file, weights_only=False))
+            rank_state = torch.load(rng_file, weights_only=False)
+            _set_rng_state(rank_state)
+            missing = fq_linear.load_layer_state(model, rank_state.get("fq", {}))
+            if missing and self.rank == 0:
+                log.warning(f"checkpoint {path} has no FQ state for {len(missing)} layer(s) (e.g. {missing[0]}): "
+                            f"their budget thresholds and stochastic-rounding counters start afresh")
         elif self.rank == 0:
             log.info(f"checkpoint {path} was saved by {train_state.get('world_size')} ranks, this run "
-                     f"has {self.world_size}: weights and optimizer resharded, RNG states not restored")
+                     f"has {self.world_size}: weights and optimizer resharded; RNG states and FQ layer state "
+                     f"(budget thresholds, stochastic-rounding counters) are per rank and start afresh")
         if self.rank == 0:
             log.info(f"loaded checkpoint {path} in {time.perf_counter() - t0:.2f} s")
         return train_state
