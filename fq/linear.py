@@ -132,11 +132,23 @@ class _EagerLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, layer: FQLinear, out_dtype: torch.dtype, ops):
         cfg = layer.fq_config
-        counts = layer._counts(FORWARD)
+        # Activation checkpointing runs this forward again inside the backward. The rerun must
+        # give the same output, so it takes the thresholds the first run used, and it leaves the
+        # telemetry and the budget alone, which the first run already counted.
+        rerun = torch._C._current_autograd_node() is not None
+        if rerun:
+            counts = torch.zeros(NUM_STATS, dtype=torch.int64, device=layer.fq_stats.device)
+            thr = layer._thr_used if layer.budget() else layer.fq_thr
+        else:
+            counts = layer._counts(FORWARD)
+            thr = layer.fq_thr
+            if layer.budget():
+                layer._thr_used = thr.clone()
         with torch.autocast(x.device.type, enabled=False):
-            y, qt, scale_t = linear_forward(ops, x, weight, layer.fq_thr, counts, cfg.tile, cfg.threshold,
+            y, qt, scale_t = linear_forward(ops, x, weight, thr, counts, cfg.tile, cfg.threshold,
                                             cfg.fallback != "none", cfg.grad_weight, out_dtype)
-        layer._budget(FORWARD, counts)
+        if not rerun:
+            layer._budget(FORWARD, counts)
         ctx.layer, ctx.ops, ctx.x_dtype = layer, ops, x.dtype
         ctx.save_for_backward(weight, qt, scale_t, None if cfg.grad_weight else x)
         return y
@@ -172,6 +184,7 @@ class FQLinear(nn.Linear):
         self.fq_backend = backend  # kernels for CUDA tensors: "triton" or "reference"
         self.last_backend = None  # what the latest forward actually ran (tests and logs)
         self._seed_calls = 0
+        self._thr_used = None  # the thresholds of the latest forward, under a budget (for its rerun)
         self._init_state(self.weight.device)
 
     def _init_state(self, device) -> None:

@@ -20,11 +20,12 @@ from fq.reference import NUM_STATS
 
 
 @triton_op("fq::linear", mutates_args=())
-def _linear(x: torch.Tensor, weight: torch.Tensor, thr: torch.Tensor, stats: torch.Tensor, tile: int,
-            threshold: float, fallback: bool, budget: float, grad_input: bool, grad_weight: bool,
+def _linear(x: torch.Tensor, weight: torch.Tensor, thr: torch.Tensor, thr_state: torch.Tensor, stats: torch.Tensor,
+            tile: int, threshold: float, fallback: bool, budget: float, grad_input: bool, grad_weight: bool,
             out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """y, X's INT8 for dW (qt, scale_t; empty unless grad_weight), counts. `stats`, `budget` and
-    `grad_input` are only carried to the backward."""
+    """y, X's INT8 for dW (qt, scale_t; empty unless grad_weight), counts. `thr`: the thresholds
+    this call quantizes with; `thr_state` (the layer's), `stats`, `budget` and `grad_input` are
+    only carried to the backward."""
     counts = torch.zeros(NUM_STATS, dtype=torch.int64, device=x.device)
     with triton_kernels.traceable_launches():
         y, qt, scale_t = linear_forward(triton_kernels, x, weight, thr, counts, tile, threshold, fallback, grad_weight,
@@ -47,7 +48,7 @@ def _linear_backward(dy: torch.Tensor, weight: torch.Tensor, qt: torch.Tensor, s
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, thr, stats, tile, threshold, fallback, budget, grad_input, grad_weight, _ = inputs
+    x, weight, _, thr, stats, tile, threshold, fallback, budget, grad_input, grad_weight, _ = inputs
     _, qt, scale_t, counts = output
     ctx.mark_non_differentiable(qt, scale_t, counts)
     ctx.save_for_backward(weight, qt, scale_t, None if grad_weight else x)
@@ -64,7 +65,7 @@ def _backward(ctx, dy, _qt, _scale_t, _counts):
     dx, dw, counts = torch.ops.fq.linear_backward(dy, weight, qt, scale_t, x, ctx.thr, tile, threshold, fallback,
                                                   grad_input, grad_weight, need_dx, need_dw, ctx.x_dtype)
     account(ctx.stats, ctx.thr, GRAD, counts, threshold, ctx.budget)
-    return (dx if need_dx else None, dw if need_dw else None) + (None,) * 9
+    return (dx if need_dx else None, dw if need_dw else None) + (None,) * 10
 
 
 _linear.register_autograd(_backward, setup_context=_setup_context)
@@ -74,7 +75,10 @@ def fq_linear(x: torch.Tensor, weight: torch.Tensor, layer, out_dtype: torch.dty
     """y = x @ weight.T through the op, with the layer's telemetry and thresholds."""
     cfg = layer.fq_config
     budget = layer.budget()
-    y, _, _, counts = torch.ops.fq.linear(x, weight, layer.fq_thr, layer.fq_stats, cfg.tile, cfg.threshold,
+    # Under a budget `account` updates the thresholds in place after this call; a copy keeps
+    # activation checkpointing's rerun of the op on the thresholds this call used.
+    thr = layer.fq_thr.clone() if budget else layer.fq_thr
+    y, _, _, counts = torch.ops.fq.linear(x, weight, thr, layer.fq_thr, layer.fq_stats, cfg.tile, cfg.threshold,
                                           cfg.fallback != "none", budget, cfg.grad_input, cfg.grad_weight, out_dtype)
     account(layer.fq_stats, layer.fq_thr, FORWARD, counts, cfg.threshold, budget)
     return y

@@ -77,6 +77,8 @@ def test_bad_file(tmp_path):
     (["--parallel.dp_replicate=3", "--train.global_batch_size=32"], 4, "parallel.dp_replicate=3"),
     (["--logging.profile_steps=5", "--logging.profile_start=198"], 1, "runs past train.steps=200"),
     (["--train.peer_linear=torchao_float8", "--fq.enabled=true"], 1, "add --fq.enabled=false"),
+    (["--train.recompute_every=-1"], 1, "train.recompute_every=-1: must be >= 0"),
+    (["--train.recompute_every=1", "--parallel.engine=deepspeed"], 1, "set train.recompute_every=0"),
 ])
 def test_impossible_combinations(override, world, needle):
     cfg = load_config(None, override)

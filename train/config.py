@@ -73,6 +73,9 @@ class TrainConfig:
     max_bad_steps: int = 5
     # Deterministic algorithms (bitwise-reproducible runs, slower on GPU).
     deterministic: bool = False
+    # Activation checkpointing: every Nth transformer block keeps only its input and recomputes
+    # its activations in the backward (0: off, 1: every block, 2: every other block, ...).
+    recompute_every: int = 0
 
 
 @dataclass
@@ -319,6 +322,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
          f"use a multiple of {per_step}")
     need(t.val_interval >= 0 and t.val_batches >= 0, "train.val_interval and train.val_batches must be >= 0")
     need(t.max_bad_steps > 0, f"train.max_bad_steps={t.max_bad_steps}: must be > 0")
+    need(t.recompute_every >= 0, f"train.recompute_every={t.recompute_every}: must be >= 0 (0 = off)")
+    need(t.recompute_every == 0 or p.engine == "fsdp",
+         f"train.recompute_every={t.recompute_every} is implemented for parallel.engine=fsdp only; "
+         f"set train.recompute_every=0 with parallel.engine={p.engine}")
     need(t.peer_linear == "none" or not cfg.fq.enabled,
          f"train.peer_linear={t.peer_linear} replaces the Linear layers FQ would convert; add --fq.enabled=false")
     need(o.lr > 0, f"optim.lr={o.lr}: must be > 0")

@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from train.config import ModelConfig, ffn_hidden
 
@@ -85,8 +86,19 @@ class Block(nn.Module):
         self.attention = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
+        # Activation checkpointing (train.recompute_every): keep only the block's input and run
+        # the forward again in the backward. Inside forward, not a wrapper module, so parameter
+        # names and checkpoints are the same either way.
+        self.recompute = False
 
     def forward(self, x, cos, sin):
+        if self.recompute and torch.is_grad_enabled():
+            # No randomness in the block (no dropout; FQ rounds stochastically only in the
+            # backward), so no RNG state needs replaying.
+            return checkpoint(self._forward, x, cos, sin, use_reentrant=False, preserve_rng_state=False)
+        return self._forward(x, cos, sin)
+
+    def _forward(self, x, cos, sin):
         x = x + self.attention(self.attention_norm(x), cos, sin)
         return x + self.mlp(self.mlp_norm(x))
 

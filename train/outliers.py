@@ -109,7 +109,8 @@ class OutlierMonitor:
         self._seq_any = None
 
     def _observe(self, i: int, x) -> None:
-        if not self.active or not isinstance(x, torch.Tensor):
+        # Inside the backward: activation checkpointing's rerun of a forward, counted already.
+        if not self.active or not isinstance(x, torch.Tensor) or torch._C._current_autograd_node() is not None:
             return
         with torch.no_grad():
             sums, absmax, features, seq_hit = activation_stats(x)

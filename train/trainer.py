@@ -160,9 +160,21 @@ class Trainer:
             self.model = model  # DeepSpeed shards it below, together with the optimizer
         else:
             self.model = shard_model(model, self.mesh, pcfg, param_dtype=self.compute_dtype)
+        every = cfg.train.recompute_every
+        if every:
+            for i, block in enumerate(model.layers):
+                block.recompute = i % every == every - 1
+            log.info("train.recompute_every=%d: %d of %d blocks recompute their activations in the backward",
+                     every, sum(b.recompute for b in model.layers), len(model.layers))
         # Off: no hooks at all. On: hooks count only during steps whose metrics they join.
         self.outliers = OutlierMonitor(self.model) if cfg.logging.outliers else None
         if cfg.train.compile:
+            if every:
+                # Recomputed blocks hold side effects (FQ telemetry, budget thresholds, attribute
+                # updates) that must happen once per forward, as in eager mode (fq/linear.py); by
+                # default dynamo refuses side effects inside checkpointed code and would fall back
+                # to running those blocks uncompiled.
+                torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
             for block in self.model.layers:
                 block.compile()
             fq_layers = [m for m in self.model.modules() if isinstance(m, fq.FQLinear)]
