@@ -62,6 +62,12 @@ def resolve_backend(config: FQConfig) -> tuple[str, str]:
     return "reference", why_not
 
 
+def rerunning_forward() -> bool:
+    """True inside the backward: activation checkpointing (train.recompute_every) running a
+    forward again. Forward-time side effects (telemetry, budgets, outlier counts) must not repeat."""
+    return torch._C._current_autograd_node() is not None
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
@@ -135,7 +141,7 @@ class _EagerLinear(torch.autograd.Function):
         # Activation checkpointing runs this forward again inside the backward. The rerun must
         # give the same output, so it takes the thresholds the first run used, and it leaves the
         # telemetry and the budget alone, which the first run already counted.
-        rerun = torch._C._current_autograd_node() is not None
+        rerun = rerunning_forward()
         if rerun:
             counts = torch.zeros(NUM_STATS, dtype=torch.int64, device=layer.fq_stats.device)
             thr = layer._thr_used if layer.budget() else layer.fq_thr

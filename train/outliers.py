@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from fq.linear import rerunning_forward
+
 ABS_THRESHOLD = 6.0
 STD_MULTIPLE = 4.0
 
@@ -109,8 +111,7 @@ class OutlierMonitor:
         self._seq_any = None
 
     def _observe(self, i: int, x) -> None:
-        # Inside the backward: activation checkpointing's rerun of a forward, counted already.
-        if not self.active or not isinstance(x, torch.Tensor) or torch._C._current_autograd_node() is not None:
+        if not self.active or not isinstance(x, torch.Tensor) or rerunning_forward():  # counted already
             return
         with torch.no_grad():
             sums, absmax, features, seq_hit = activation_stats(x)
