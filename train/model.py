@@ -103,6 +103,19 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+def compile_blocks(model: nn.Module, traceable: bool = True) -> None:
+    """train.compile: each block is compiled on its own. `traceable`: dynamo can trace every
+    layer of the block; when some run uncompiled (FQ with stochastic rounding or on the
+    reference backend), a recomputing block compiles only its body, inside an uncompiled
+    checkpoint: a compiled checkpoint cannot hold an uncompiled call, and dynamo then ran the
+    whole block at 1/30 of the speed (1B layers, H100)."""
+    for block in model.layers:
+        if block.recompute and not traceable:
+            block._forward = torch.compile(block._forward)
+        else:
+            block.compile()
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()

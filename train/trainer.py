@@ -25,7 +25,7 @@ from train import config as C
 from train.checkpoint import Checkpointer
 from train.data import IndexedDataset, SampleStream, resolve_val_prefix
 from train.metrics import MetricsWriter
-from train.model import Transformer, flops_per_token, num_params
+from train.model import Transformer, compile_blocks, flops_per_token, num_params
 from train.outliers import OutlierMonitor
 from train.profiling import StepProfiler
 from train.schedule import lr_factor
@@ -175,11 +175,10 @@ class Trainer:
                 # default dynamo refuses side effects inside checkpointed code and would fall back
                 # to running those blocks uncompiled.
                 torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
-            for block in self.model.layers:
-                block.compile()
             fq_layers = [m for m in self.model.modules() if isinstance(m, fq.FQLinear)]
+            why = fq_layers[0].compile_blocker(self.device.type == "cuda") if fq_layers else None
+            compile_blocks(self.model, traceable=why is None)
             if fq_layers:
-                why = fq_layers[0].compile_blocker(self.device.type == "cuda")
                 log.info("train.compile: FQ layers %s", "traced into the compiled blocks (fq/ops.py)" if why is None
                          else f"run uncompiled inside the compiled blocks ({why})")
 
