@@ -117,8 +117,8 @@ class Int8ReduceScatter(_PlainAlloc, _Blocks, ReduceScatter):
         self.stochastic = stochastic
         self.error_feedback = error_feedback
         # What quantization lost last time, per element of this rank's unsharded gradient
-        # (fp32): the memory cost of error feedback.
-        self._residual: torch.Tensor | None = None
+        # (fp32): the memory cost of error feedback. Saved in checkpoints (parallel.fsdp).
+        self.residual: torch.Tensor | None = None
 
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor,
                  group: dist.ProcessGroup, op=dist.ReduceOp.SUM, async_op: bool = False):
@@ -127,9 +127,9 @@ class Int8ReduceScatter(_PlainAlloc, _Blocks, ReduceScatter):
         rows = input_tensor.view(world, n)
         residual = None
         if self.error_feedback:
-            if self._residual is None or self._residual.shape != rows.shape or self._residual.device != rows.device:
-                self._residual = torch.zeros(rows.shape, dtype=torch.float32, device=rows.device)
-            residual = self._residual
+            if self.residual is None or self.residual.shape != rows.shape or self.residual.device != rows.device:
+                self.residual = torch.zeros(rows.shape, dtype=torch.float32, device=rows.device)
+            residual = self.residual
         layout = self.layout(n)
         send = quantize_rows(rows, self.block, layout=layout, stochastic=self.stochastic, residual=residual)
         recv = torch.empty_like(send)

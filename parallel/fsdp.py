@@ -91,7 +91,34 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, pcfg: ParallelConfig,
             hook = None
             if replica_group is not None:
                 hook = Int8ReplicaAllReduce(replica_group, block, pcfg.stochastic_rounding, segments)
-            install_reduce_scatter(
-                module, Int8ReduceScatter(block, pcfg.stochastic_rounding, pcfg.error_feedback, segments),
-                replicate_hook=hook, divide_factor=float(mesh.size()) if hook is not None else None)
+            reduce_scatter = Int8ReduceScatter(block, pcfg.stochastic_rounding, pcfg.error_feedback, segments)
+            install_reduce_scatter(module, reduce_scatter, replicate_hook=hook,
+                                   divide_factor=float(mesh.size()) if hook is not None else None)
+            module.int8_reduce_scatter = reduce_scatter  # for error_feedback_state
     return model
+
+
+def _feedback(model: nn.Module):
+    for name, module in model.named_modules():
+        rs = getattr(module, "int8_reduce_scatter", None)
+        if rs is not None and rs.error_feedback:
+            yield name or "root", rs
+
+
+def error_feedback_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """This rank's error-feedback residuals (parallel.error_feedback) by FSDP module name ("root"
+    for the root): what its INT8 reduce-scatters have not delivered yet. A module has one from
+    its first reduce-scatter on; empty without error feedback."""
+    return {name: rs.residual for name, rs in _feedback(model) if rs.residual is not None}
+
+
+def load_error_feedback_state(model: nn.Module, state: dict[str, torch.Tensor], device: torch.device) -> list[str]:
+    """Put back the residuals `error_feedback_state` gave on the same number of ranks; returns
+    the modules that have none in `state` (they start from zero)."""
+    missing = []
+    for name, rs in _feedback(model):
+        if name in state:
+            rs.residual = state[name].to(device=device, dtype=torch.float32)
+        else:
+            missing.append(name)
+    return missing

@@ -172,3 +172,6 @@ def test_full_checkpoint_dir_is_refused_before_training(tmp_path, monkeypatch):
         checkpointer(tmp_path / "ck").check_writable()
     monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12, total * 2))
     checkpointer(tmp_path / "ck").check_writable()  # enough for one: a warning, not an error
+    # parallel.error_feedback adds each rank's fp32 residuals: 12 + 4 x 8 bytes per parameter on 8 ranks.
+    model_cfg = checkpointer(tmp_path).model_cfg
+    assert (ckpt.estimate_bytes(model_cfg, 8) - (1 << 20)) * 12 == (total - (1 << 20)) * 44

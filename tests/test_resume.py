@@ -285,3 +285,32 @@ def test_exact_resume_restores_fq_layer_state(default_cache, tmp_path):
     for step in (4, 5, 6):
         assert b[step] == a[step], (step, b[step], a[step])
     assert_same_state(str(ck / "step-00000006"), str(resumed / "ck" / "step-00000006"))
+
+
+def test_exact_resume_restores_error_feedback(default_cache, tmp_path):
+    """parallel.error_feedback keeps, per rank, what its INT8 reduce-scatters have not delivered
+    yet; the checkpoint holds each rank's residuals, so a resume on as many ranks is bitwise
+    the run that went straight on (without them its losses differed from step 5). On another
+    number of ranks they start from zero, and the log says so."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    cache = default_cache["cache"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    ck = straight / "ck"
+    feedback = ["--parallel.error_feedback=true", "--parallel.reduce_scatter_dtype=int8"]
+    train(cache, straight, "--train.steps=6", "--checkpoint.interval=3", f"--checkpoint.dir={ck}", *feedback,
+          nproc=2)
+    keys = FileSystemReader(str(ck / "step-00000003")).read_metadata().state_dict_metadata
+    saved = sorted(k for k in keys if k.startswith("error_feedback."))
+    assert {k.split(".")[1] for k in saved} == {"rank0", "rank1"}
+    assert "error_feedback.rank0.layers.0" in saved and "error_feedback.rank1.root" in saved
+    train(cache, resumed, "--train.steps=6", "--checkpoint.interval=3", f"--checkpoint.resume={ck / 'step-00000003'}",
+          f"--checkpoint.dir={resumed / 'ck'}", *feedback, nproc=2)
+    a, b = losses(straight), losses(resumed)
+    assert sorted(b) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert b[step] == a[step], (step, b[step], a[step])
+    assert_same_state(str(ck / "step-00000006"), str(resumed / "ck" / "step-00000006"))
+    res = train(cache, tmp_path / "one", "--train.steps=4", f"--checkpoint.resume={ck / 'step-00000003'}",
+                *feedback)
+    assert "and error-feedback residuals, are per rank and start afresh" in res.stderr

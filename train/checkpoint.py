@@ -4,6 +4,8 @@ Layout: {checkpoint.dir}/step-{N:08d}/ holds
 
 - `__{rank}_{i}.distcp` + `.metadata`: DCP shards of the FP32 master weights ("model") and the
   AdamW state ("optim"); DCP reshards them on load, so a run resumes on any number of ranks;
+  with `parallel.error_feedback`, also each rank's residuals (`error_feedback.rank{R}.{module}`,
+  restored on the same number of ranks only);
 - `train_state.json`: step, data position (`consumed_samples`), tokens seen, LR scheduler;
 - `rng-rank{R}.pt`: python, numpy, torch (and CUDA) RNG states of each rank, and its FQ layer
   state (`fq.linear.layer_state`: budget thresholds, stochastic-rounding counters);
@@ -42,10 +44,12 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 
 from fq import linear as fq_linear
+from parallel.fsdp import error_feedback_state, load_error_feedback_state
 from train import config as C
 
 log = logging.getLogger("fqtrain")
 STEP_RE = re.compile(r"^step-(\d{8})$")
+FEEDBACK = "error_feedback"  # DCP keys of the residuals: error_feedback.rank{R}.{module}
 SHARD_RE = re.compile(r"^__(\d+)_\d+\.distcp$")
 MANIFEST = "manifest.json"
 # FQTRAIN_FAULT=<point> makes a save exit the process at that point (crash-safety tests);
@@ -74,6 +78,7 @@ class Checkpointer:
         self.config_toml = C.to_toml(cfg)
         self.root = self.cfg.dir or os.path.join(run_dir, "checkpoints")
         self.rank, self.world_size = rank, world_size
+        self.error_feedback = cfg.parallel.error_feedback
         self._pending = None  # an asynchronous save being written: (future, tmp, final, t0)
         self._async_group = None
         self._executor = None
@@ -100,7 +105,7 @@ class Checkpointer:
             raise CheckpointError(problem)
 
     def _check_space(self) -> str | None:
-        need = estimate_bytes(self.model_cfg)
+        need = estimate_bytes(self.model_cfg, self.world_size if self.error_feedback else 0)
         free = shutil.disk_usage(self.root).free
         if free < need:
             return (f"checkpoint.dir '{self.root}' has {free / 2**30:.2f} GiB free, but one checkpoint "
@@ -188,6 +193,8 @@ class Checkpointer:
         dist.barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": self._untied(model_sd), "optim": optim_sd}
+        # Keys of this rank only, so this rank writes them (DCP saves a plain tensor once).
+        state.update({f"{FEEDBACK}.rank{self.rank}.{name}": t for name, t in error_feedback_state(model).items()})
         # Small files first: they are written synchronously and checksummed with the shards.
         torch.save({**_rng_state(), "fq": fq_linear.layer_state(model)}, os.path.join(tmp, f"rng-rank{self.rank}.pt"))
         if self.rank == 0:
@@ -299,8 +306,18 @@ class Checkpointer:
                 f"them into qkv_proj and gate_up_proj), so its optimizer state cannot be resumed; start from "
                 f"its weights with checkpoint.init_from='{path}' (fresh optimizer), or finish that run with "
                 f"the fqtrain version that wrote it")
+        with open(os.path.join(path, "train_state.json"), encoding="utf-8") as f:
+            train_state = json.load(f)
+        same_ranks = train_state.get("world_size") == self.world_size
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": self._untied(model_sd), "optim": optim_sd}
+        # This rank's error-feedback residuals, if the checkpoint has them: their buffers are
+        # allocated here from the checkpoint's metadata (the model has none before its first step).
+        prefix = f"{FEEDBACK}.rank{self.rank}."
+        if same_ranks and self.error_feedback:
+            meta = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+            state.update({k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
+                          if k.startswith(prefix)})
         try:
             dcp.load(state, checkpoint_id=path)
         except Exception as e:  # DCP's errors do not say which checkpoint
@@ -308,11 +325,15 @@ class Checkpointer:
                                   f"match {os.path.join(path, 'config.toml')}?): {e}") from e
         set_state_dict(model, optimizer, model_state_dict=retie(state["model"], self.model_cfg),
                        optim_state_dict=state["optim"])
-        with open(os.path.join(path, "train_state.json"), encoding="utf-8") as f:
-            train_state = json.load(f)
         scheduler.load_state_dict(train_state.pop("scheduler"))
+        if same_ranks and self.error_feedback:
+            saved = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            missing = load_error_feedback_state(model, saved, next(model.parameters()).device)
+            if missing and self.rank == 0:
+                log.warning(f"checkpoint {path} has no error-feedback residuals for {len(missing)} module(s) "
+                            f"(e.g. {missing[0]}): they start from zero, so this resume is close but not exact")
         rng_file = os.path.join(path, f"rng-rank{self.rank}.pt")
-        if train_state.get("world_size") == self.world_size:
+        if same_ranks:
             rank_state = torch.load(rng_file, weights_only=False)
             _set_rng_state(rank_state)
             missing = fq_linear.load_layer_state(model, rank_state.get("fq", {}))
@@ -322,7 +343,8 @@ class Checkpointer:
         elif self.rank == 0:
             log.info(f"checkpoint {path} was saved by {train_state.get('world_size')} ranks, this run "
                      f"has {self.world_size}: weights and optimizer resharded; RNG states and FQ layer state "
-                     f"(budget thresholds, stochastic-rounding counters) are per rank and start afresh")
+                     f"(budget thresholds, stochastic-rounding counters)"
+                     f"{', and error-feedback residuals,' if self.error_feedback else ''} are per rank and start afresh")
         if self.rank == 0:
             log.info(f"loaded checkpoint {path} in {time.perf_counter() - t0:.2f} s")
         return train_state
@@ -380,14 +402,15 @@ def verify(path: str, full: bool = False, only: list[str] | None = None) -> str 
     return None
 
 
-def estimate_bytes(model_cfg: C.ModelConfig) -> int:
-    """Bytes of one checkpoint: FP32 weights and two AdamW moments per parameter."""
+def estimate_bytes(model_cfg: C.ModelConfig, feedback_ranks: int = 0) -> int:
+    """Bytes of one checkpoint: FP32 weights and two AdamW moments per parameter, and with error
+    feedback an FP32 residual per parameter on each of `feedback_ranks` ranks."""
     from train.model import Transformer
 
     with torch.device("meta"):
         model = Transformer(model_cfg)
     n = sum(p.numel() for p in model.parameters())
-    return 12 * n + (1 << 20)
+    return (12 + 4 * feedback_ranks) * n + (1 << 20)
 
 
 # ---- weight files -------------------------------------------------------------------------
