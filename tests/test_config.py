@@ -79,6 +79,10 @@ def test_bad_file(tmp_path):
     (["--train.peer_linear=torchao_float8", "--fq.enabled=true"], 1, "add --fq.enabled=false"),
     (["--train.recompute_every=-1"], 1, "train.recompute_every=-1: must be >= 0"),
     (["--train.recompute_every=1", "--parallel.engine=deepspeed"], 1, "set train.recompute_every=0"),
+    (["--parallel.error_feedback=true", "--parallel.reduce_scatter_dtype=fp32"], 2,
+     "set parallel.reduce_scatter_dtype=int8"),
+    (["--parallel.stochastic_rounding=true", "--parallel.reduce_scatter_dtype=bf16"], 2,
+     "parallel.reduce_scatter_dtype='bf16'"),
 ])
 def test_impossible_combinations(override, world, needle):
     cfg = load_config(None, override)

@@ -336,6 +336,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     need(p.dp_replicate >= 1 and world_size % p.dp_replicate == 0,
          f"parallel.dp_replicate={p.dp_replicate} must divide the world size {world_size}")
     need(p.comm_block_size > 0, f"parallel.comm_block_size={p.comm_block_size}: must be > 0")
+    need(p.reduce_scatter_dtype == "int8" or not (p.error_feedback or p.stochastic_rounding),
+         f"parallel.error_feedback and parallel.stochastic_rounding shape INT8 reduce-scatters, but "
+         f"parallel.reduce_scatter_dtype='{p.reduce_scatter_dtype}'; set parallel.reduce_scatter_dtype=int8 "
+         f"or turn them off")
     need(cfg.checkpoint.interval >= 0, f"checkpoint.interval={cfg.checkpoint.interval}: must be >= 0")
     need(cfg.checkpoint.keep_latest >= 1, f"checkpoint.keep_latest={cfg.checkpoint.keep_latest}: must be >= 1")
     need(cfg.logging.interval > 0, f"logging.interval={cfg.logging.interval}: must be > 0")
