@@ -30,6 +30,7 @@ log = logging.getLogger("fqtrain.fq")
 
 # Rows of a layer's stats: the operand with fallback tiles in each quantized GEMM pair.
 FORWARD, GRAD = 0, 1
+SEED_MOD = 2**31 - 1
 
 
 def _triton_ops() -> types.ModuleType:
@@ -118,6 +119,14 @@ def linear_backward(ops, dy, weight, qt, scale_t, x, thr, counts, tile: int, thr
     return dx, dw
 
 
+def next_seeds(calls: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """Two stochastic-rounding seeds, (base + calls) mod 2**31 - 1, and the counter advanced by
+    two: on the device, in eager mode and in a compiled backward alike."""
+    seeds = (base + calls) % SEED_MOD
+    calls.add_(2)
+    return seeds
+
+
 def account(stats: torch.Tensor, thr: torch.Tensor, which: int, counts: torch.Tensor, threshold: float,
             budget: float) -> None:
     """Add a call's counts to the layer's totals; with a budget (> 0), adapt the layer's threshold
@@ -165,11 +174,13 @@ class _EagerLinear(torch.autograd.Function):
         layer = ctx.layer
         cfg = layer.fq_config
         counts = layer._counts(GRAD)
+        seeds = layer.next_seeds()
+        seed_dx, seed_dw = (None, None) if seeds is None else (seeds[0:1], seeds[1:2])
         with torch.autocast(dy.device.type, enabled=False):
             dx, dw = linear_backward(ctx.ops, dy, weight, qt, scale_t, x, layer.fq_thr, counts, cfg.tile,
                                      cfg.threshold, cfg.fallback != "none", cfg.grad_input, cfg.grad_weight,
-                                     layer._next_seed(), layer._next_seed(), ctx.needs_input_grad[0],
-                                     ctx.needs_input_grad[1], ctx.x_dtype)
+                                     seed_dx, seed_dw, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                                     ctx.x_dtype)
         layer._budget(GRAD, counts)
         return dx, dw, None, None, None
 
@@ -189,7 +200,6 @@ class FQLinear(nn.Linear):
         self.fq_name = name
         self.fq_backend = backend  # kernels for CUDA tensors: "triton" or "reference"
         self.last_backend = None  # what the latest forward actually ran (tests and logs)
-        self._seed_calls = 0
         self._thr_used = None  # the thresholds of the latest forward, under a budget (for its rerun)
         self._init_state(self.weight.device)
 
@@ -200,6 +210,13 @@ class FQLinear(nn.Linear):
                              persistent=False)
         self.register_buffer("fq_thr", torch.full((2,), self.fq_config.threshold, dtype=torch.float32,
                                                   device=device), persistent=False)
+        # Stochastic rounding: seeds come from a call counter on the device, so that a compiled
+        # graph draws new ones at every call (fq/ops.py); crc32, not hash(): str hashes change
+        # per process, seeds must not.
+        base = zlib.crc32(self.fq_name.encode()) * 1000003
+        self.register_buffer("fq_seed_calls", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
+        self.register_buffer("fq_seed_base", torch.tensor([base + 1, base + 2], dtype=torch.int64, device=device),
+                             persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: FQConfig, name: str, backend: str) -> FQLinear:
@@ -215,12 +232,11 @@ class FQLinear(nn.Linear):
         c = self.fq_config
         return f"{super().extra_repr()}, tile={c.tile}, fallback={c.fallback}, backend={self.fq_backend}"
 
-    def _next_seed(self) -> int | None:
+    def next_seeds(self) -> torch.Tensor | None:
+        """The seeds of a backward's two quantized GEMMs (dX, dW), None without stochastic rounding."""
         if not self.fq_config.stochastic_rounding:
             return None
-        self._seed_calls += 1
-        # crc32, not hash(): str hashes change per process, seeds must not.
-        return (zlib.crc32(self.fq_name.encode()) * 1000003 + self._seed_calls) % (2**31 - 1)
+        return next_seeds(self.fq_seed_calls, self.fq_seed_base)
 
     def budget(self) -> float:
         """The target fallback ratio the thresholds adapt to; 0 unless fq.fallback=budget."""
@@ -230,8 +246,6 @@ class FQLinear(nn.Linear):
         """Why torch.compile runs this layer uncompiled; None when it traces fq/ops.py's op."""
         if not (on_gpu and self.fq_backend == "triton"):
             return "reference backend"
-        if self.fq_config.stochastic_rounding:
-            return "fq.stochastic_rounding=true: a graph would freeze its seeds"
         return None
 
     def _counts(self, which: int) -> torch.Tensor:
@@ -295,7 +309,7 @@ def layer_state(model: nn.Module) -> dict[str, dict]:
     """What training changes in each FQ layer besides its weights: the thresholds the budget
     policy adapts on the device, and the stochastic-rounding call counter its seeds come from.
     Checkpoints keep it per rank (train/checkpoint.py), since budgets adapt to each rank's data."""
-    return {m.fq_name: {"thr": m.fq_thr.detach().cpu().clone(), "seed_calls": m._seed_calls}
+    return {m.fq_name: {"thr": m.fq_thr.detach().cpu().clone(), "seed_calls": int(m.fq_seed_calls)}
             for m in model.modules() if isinstance(m, FQLinear)}
 
 
@@ -313,7 +327,7 @@ def load_layer_state(model: nn.Module, state: dict[str, dict]) -> list[str]:
             if m.budget() or m.fq_config.stochastic_rounding:
                 missing.append(m.fq_name)
             continue
-        m._seed_calls = int(saved["seed_calls"])
+        m.fq_seed_calls.fill_(int(saved["seed_calls"]))
         if m.budget():
             with torch.no_grad():
                 m.fq_thr.copy_(saved["thr"].clamp_min(m.fq_config.threshold))

@@ -7,7 +7,9 @@ Python per launch. Eager mode does not use them (FQLinear calls the same math di
 dispatch would only add host time). Both ops are functional: they return this call's counts,
 and the layer's running totals and budget thresholds are updated outside them (`account`), in
 the forward and in the autograd formula; that is what lets the forward op have one.
-Stochastic rounding stays on the eager path (a graph would freeze its seeds).
+Stochastic rounding draws its seeds in the autograd formula from the layer's counter on the
+device (`next_seeds`), so a compiled backward takes new seeds at every call, the same ones as
+eager mode.
 """
 from __future__ import annotations
 
@@ -15,17 +17,18 @@ import torch
 from torch.library import triton_op
 
 from fq import triton_kernels
-from fq.linear import FORWARD, GRAD, account, linear_backward, linear_forward
+from fq.linear import FORWARD, GRAD, account, linear_backward, linear_forward, next_seeds
 from fq.reference import NUM_STATS
 
 
 @triton_op("fq::linear", mutates_args=())
 def _linear(x: torch.Tensor, weight: torch.Tensor, thr: torch.Tensor, thr_state: torch.Tensor, stats: torch.Tensor,
-            tile: int, threshold: float, fallback: bool, budget: float, grad_input: bool, grad_weight: bool,
+            seed_calls: torch.Tensor, seed_base: torch.Tensor, tile: int, threshold: float, fallback: bool,
+            budget: float, grad_input: bool, grad_weight: bool, stochastic: bool,
             out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """y, X's INT8 for dW (qt, scale_t; empty unless grad_weight), counts. `thr`: the thresholds
-    this call quantizes with; `thr_state` (the layer's), `stats`, `budget` and `grad_input` are
-    only carried to the backward."""
+    this call quantizes with; `thr_state` (the layer's), `stats`, the seed counter and base,
+    `budget`, `grad_input` and `stochastic` are only carried to the backward."""
     counts = torch.zeros(NUM_STATS, dtype=torch.int64, device=x.device)
     with triton_kernels.traceable_launches():
         y, qt, scale_t = linear_forward(triton_kernels, x, weight, thr, counts, tile, threshold, fallback, grad_weight,
@@ -35,25 +38,29 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, thr: torch.Tensor, thr_state:
 
 @triton_op("fq::linear_backward", mutates_args=())
 def _linear_backward(dy: torch.Tensor, weight: torch.Tensor, qt: torch.Tensor, scale_t: torch.Tensor,
-                     x: torch.Tensor | None, thr: torch.Tensor, tile: int, threshold: float, fallback: bool,
-                     grad_input: bool, grad_weight: bool, need_dx: bool, need_dw: bool,
-                     x_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dX, dW (empty where not needed), counts."""
+                     x: torch.Tensor | None, thr: torch.Tensor, seeds: torch.Tensor | None, tile: int,
+                     threshold: float, fallback: bool, grad_input: bool, grad_weight: bool, need_dx: bool,
+                     need_dw: bool, x_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dX, dW (empty where not needed), counts. `seeds`: stochastic rounding's two (or None)."""
     counts = torch.zeros(NUM_STATS, dtype=torch.int64, device=dy.device)
+    seed_dx, seed_dw = (None, None) if seeds is None else (seeds[0:1], seeds[1:2])
     with triton_kernels.traceable_launches():
         dx, dw = linear_backward(triton_kernels, dy, weight, qt, scale_t, x, thr, counts, tile, threshold, fallback,
-                                 grad_input, grad_weight, None, None, need_dx, need_dw, x_dtype)
+                                 grad_input, grad_weight, seed_dx, seed_dw, need_dx, need_dw, x_dtype)
     empty = dy.new_empty(0)
     return (empty if dx is None else dx), (empty if dw is None else dw), counts
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, _, thr, stats, tile, threshold, fallback, budget, grad_input, grad_weight, _ = inputs
+    (x, weight, _, thr, stats, seed_calls, seed_base, tile, threshold, fallback, budget, grad_input, grad_weight,
+     stochastic, _) = inputs
     _, qt, scale_t, counts = output
     ctx.mark_non_differentiable(qt, scale_t, counts)
     ctx.save_for_backward(weight, qt, scale_t, None if grad_weight else x)
-    # The layer's totals and thresholds: updated in place by the backward, not inputs to it.
+    # The layer's totals, thresholds and seed counter: updated in place by the backward, not
+    # inputs to it.
     ctx.stats, ctx.thr = stats, thr
+    ctx.seeds = (seed_calls, seed_base) if stochastic else None
     ctx.args = (tile, threshold, fallback, grad_input, grad_weight)
     ctx.budget, ctx.x_dtype = budget, x.dtype
 
@@ -62,10 +69,11 @@ def _backward(ctx, dy, _qt, _scale_t, _counts):
     weight, qt, scale_t, x = ctx.saved_tensors
     tile, threshold, fallback, grad_input, grad_weight = ctx.args
     need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    dx, dw, counts = torch.ops.fq.linear_backward(dy, weight, qt, scale_t, x, ctx.thr, tile, threshold, fallback,
-                                                  grad_input, grad_weight, need_dx, need_dw, ctx.x_dtype)
+    seeds = None if ctx.seeds is None else next_seeds(*ctx.seeds)
+    dx, dw, counts = torch.ops.fq.linear_backward(dy, weight, qt, scale_t, x, ctx.thr, seeds, tile, threshold,
+                                                  fallback, grad_input, grad_weight, need_dx, need_dw, ctx.x_dtype)
     account(ctx.stats, ctx.thr, GRAD, counts, threshold, ctx.budget)
-    return (dx if need_dx else None, dw if need_dw else None) + (None,) * 10
+    return (dx if need_dx else None, dw if need_dw else None) + (None,) * 13
 
 
 _linear.register_autograd(_backward, setup_context=_setup_context)
@@ -78,7 +86,8 @@ def fq_linear(x: torch.Tensor, weight: torch.Tensor, layer, out_dtype: torch.dty
     # Under a budget `account` updates the thresholds in place after this call; a copy keeps
     # activation checkpointing's rerun of the op on the thresholds this call used.
     thr = layer.fq_thr.clone() if budget else layer.fq_thr
-    y, _, _, counts = torch.ops.fq.linear(x, weight, thr, layer.fq_thr, layer.fq_stats, cfg.tile, cfg.threshold,
-                                          cfg.fallback != "none", budget, cfg.grad_input, cfg.grad_weight, out_dtype)
+    y, _, _, counts = torch.ops.fq.linear(x, weight, thr, layer.fq_thr, layer.fq_stats, layer.fq_seed_calls,
+                                          layer.fq_seed_base, cfg.tile, cfg.threshold, cfg.fallback != "none", budget,
+                                          cfg.grad_input, cfg.grad_weight, cfg.stochastic_rounding, out_dtype)
     account(layer.fq_stats, layer.fq_thr, FORWARD, counts, cfg.threshold, budget)
     return y

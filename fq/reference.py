@@ -79,11 +79,12 @@ def _finite_only(v: torch.Tensor) -> torch.Tensor:
     return v if bool(torch.isfinite(v).all()) else torch.where(torch.isfinite(v), v, torch.zeros_like(v))
 
 
-def _round(z: torch.Tensor, seed: int | None) -> torch.Tensor:
-    """Round to nearest even, or stochastically (floor(z + u), u ~ U[0, 1)) when a seed is given."""
+def _round(z: torch.Tensor, seed: int | torch.Tensor | None) -> torch.Tensor:
+    """Round to nearest even, or stochastically (floor(z + u), u ~ U[0, 1)) when a seed is given
+    (an int, or a one-element tensor as FQLinear's device counter gives)."""
     if seed is None:
         return torch.round(z)  # ties to even, as the Triton kernels' 1.5 * 2**23 trick
-    gen = torch.Generator(device=z.device).manual_seed(seed)
+    gen = torch.Generator(device=z.device).manual_seed(int(seed))
     u = torch.rand(z.shape, generator=gen, device=z.device, dtype=torch.float32)
     return torch.floor(z + u)
 

@@ -182,8 +182,8 @@ def _store_scales(am, scale_ptr, inv_ptr, rows, rmask):
 
 @triton.jit
 def _act_quant_kernel(x_ptr, s_xm, s_xk, M, K, KT, inv_ptr, flags_ptr, q_ptr, q2_ptr, qt_ptr, inv_t_ptr, inv_c_ptr,
-                      c1_ptr, c2_ptr, stats_ptr, seed, seed_t, TILE: tl.constexpr, STOCHASTIC: tl.constexpr,
-                      TRANSPOSED: tl.constexpr, COLS: tl.constexpr):
+                      c1_ptr, c2_ptr, stats_ptr, seed_ptr, seed_t_ptr, TILE: tl.constexpr,
+                      STOCHASTIC: tl.constexpr, TRANSPOSED: tl.constexpr, COLS: tl.constexpr):
     """Row digits with fallback tiles; TRANSPOSED also writes (K, M) digits of x * inv_t[row]
     (X for the weight gradient: its whole rows' inverse scales), and with COLS times inv_c[col]
     (dY for the weight gradient: X's row scales times dY's inverse column scales). The two kinds
@@ -193,6 +193,7 @@ def _act_quant_kernel(x_ptr, s_xm, s_xk, M, K, KT, inv_ptr, flags_ptr, q_ptr, q2
     pid_k = tl.program_id(1)
     rows = pid_m * TILE + tl.arange(0, TILE)
     cols = pid_k * TILE + tl.arange(0, TILE)
+    seed, seed_t = _seeds(seed_ptr, seed_t_ptr, STOCHASTIC)
     if tl.load(flags_ptr + pid_m * KT + pid_k) != 0:
         _quant_fallback_tile(x_ptr, s_xm, s_xk, M, K, rows, cols, inv_ptr, q_ptr, q2_ptr, qt_ptr, inv_t_ptr,
                              inv_c_ptr, c1_ptr + pid_m * KT + pid_k, c2_ptr + pid_m * KT + pid_k, stats_ptr, seed,
@@ -201,6 +202,17 @@ def _act_quant_kernel(x_ptr, s_xm, s_xk, M, K, KT, inv_ptr, flags_ptr, q_ptr, q2
         _quant_plain_tile(x_ptr, s_xm, s_xk, M, K, rows, cols, inv_ptr, q_ptr, qt_ptr, inv_t_ptr, inv_c_ptr,
                           c1_ptr + pid_m * KT + pid_k, c2_ptr + pid_m * KT + pid_k, stats_ptr, seed, seed_t,
                           STOCHASTIC, TRANSPOSED, COLS)
+
+
+@triton.jit
+def _seeds(seed_ptr, seed_t_ptr, STOCHASTIC: tl.constexpr):
+    """Stochastic rounding's seeds, from device memory: under torch.compile they come from a
+    counter on the device, so a graph does not freeze them (philox draws the same numbers from
+    an int64 seed as from an int32 argument of the same value)."""
+    if STOCHASTIC:
+        return tl.load(seed_ptr), tl.load(seed_t_ptr)
+    else:
+        return 0, 0
 
 
 @triton.jit
@@ -274,7 +286,7 @@ def _quant_fallback_tile(x_ptr, s_xm, s_xk, M, K, rows, cols, inv_ptr, q_ptr, q2
 
 
 @triton.jit
-def _line_quant_kernel(x_ptr, s_l, s_d, L, D, mult_ptr, q_ptr, scale_ptr, seed,
+def _line_quant_kernel(x_ptr, s_l, s_d, L, D, mult_ptr, q_ptr, scale_ptr, seed_ptr,
                        HAS_MULT: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     """Per-line INT8 of x seen as L lines of D values (any strides), written (L, D) contiguous.
     A program owns whole lines and makes two passes over them (absmax, then digits): one launch
@@ -283,6 +295,7 @@ def _line_quant_kernel(x_ptr, s_l, s_d, L, D, mult_ptr, q_ptr, scale_ptr, seed,
     lines = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
     ds = tl.arange(0, BLOCK_D)
     lmask = lines < L
+    seed, _ = _seeds(seed_ptr, seed_ptr, STOCHASTIC)
     acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         mask = lmask[:, None] & (d0 + ds[None, :] < D)
@@ -571,8 +584,23 @@ def int_sums(a_q: torch.Tensor, b_q: torch.Tensor, tma: bool | None = None) -> t
     return _gemm(a_q, b_q, ones, None, torch.int32, tma=tma)
 
 
+# A stochastic-rounding seed: a host int, or a one-element int64 device tensor (fq/ops.py's op,
+# whose seeds come from a counter on the device); None rounds to nearest.
+Seed = int | torch.Tensor | None
+
+
+def _seed_arg(seed: Seed, device: torch.device) -> torch.Tensor:
+    """The seed as the kernels read it: a one-element int64 tensor (a placeholder for None,
+    which they never read)."""
+    if isinstance(seed, torch.Tensor):
+        return seed
+    if seed is None:  # no fill: a launch on every call would cost host time
+        return torch.empty(1, dtype=torch.int64, device=device)
+    return torch.full((1,), seed, dtype=torch.int64, device=device)
+
+
 def quantize_act(x: torch.Tensor, tile: int, threshold: torch.Tensor | float, base_threshold: float,
-                 fallback: bool, seed: int | None = None, transposed: bool = False,
+                 fallback: bool, seed: Seed = None, transposed: bool = False,
                  stats: torch.Tensor | None = None) -> TileQuant:
     """Three launches: row absmax per tile, flags and row scales (+ the GEMM's fallback lists),
     digits."""
@@ -580,7 +608,7 @@ def quantize_act(x: torch.Tensor, tile: int, threshold: torch.Tensor | float, ba
 
 
 def quantize_grad(dy: torch.Tensor, tile: int, threshold: torch.Tensor | float, base_threshold: float,
-                  fallback: bool, row_mult: torch.Tensor, seed: int | None = None, seed_t: int | None = None,
+                  fallback: bool, row_mult: torch.Tensor, seed: Seed = None, seed_t: Seed = None,
                   stats: torch.Tensor | None = None) -> tuple[TileQuant, torch.Tensor, torch.Tensor]:
     """quantize_act(dy) and quantize_cols_t(dy, row_mult) in the same three launches: dY is read
     twice instead of four times."""
@@ -644,8 +672,8 @@ def _quantize_act(x, tile, threshold, base_threshold, fallback, seed, transposed
     qt = torch.empty(k, m, dtype=torch.int8, device=dev) if transposed else unused()
     _traceable(_act_quant_kernel)[(mt, kt)](
         x, x.stride(0), x.stride(1), m, k, kt, inv, flags, q, q2, qt, row_mult if cols else inv_t, cols_t[1], c1,
-        c2, stats, seed or 0, (seed_t if cols else seed) or 0, TILE=tile, STOCHASTIC=seed is not None,
-        TRANSPOSED=transposed, COLS=cols, num_warps=4 if tile == 128 and k >= 8192 else warps)
+        c2, stats, _seed_arg(seed, dev), _seed_arg(seed_t if cols else seed, dev), TILE=tile,
+        STOCHASTIC=seed is not None, TRANSPOSED=transposed, COLS=cols, num_warps=4 if tile == 128 and k >= 8192 else warps)
     if not fallback:  # no fallback lists: gemm_a_fallback then skips the tail's launch
         count = order = None
     if cols:
@@ -655,7 +683,7 @@ def _quantize_act(x, tile, threshold, base_threshold, fallback, seed, transposed
 
 
 def _quantize_lines(x: torch.Tensor, lines: int, length: int, s_line: int, s_elem: int,
-                    mult: torch.Tensor | None = None, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    mult: torch.Tensor | None = None, seed: Seed = None) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.empty(lines, length, dtype=torch.int8, device=x.device)
     scale = torch.empty(lines, dtype=torch.float32, device=x.device)
     # Many small programs keep enough loads in flight. Swept on the H100 (2026-11-23): rows
@@ -669,13 +697,13 @@ def _quantize_lines(x: torch.Tensor, lines: int, length: int, s_line: int, s_ele
         bl = 8 if lines <= 2048 else 16 if lines < 8192 else 32
         bd, warps = (512, 8) if bl == 8 else (512, 4) if bl == 16 else (256, 4)
     _traceable(_line_quant_kernel)[(triton.cdiv(lines, bl),)](
-        x, s_line, s_elem, lines, length, mult if mult is not None else scale, q, scale, seed or 0,
+        x, s_line, s_elem, lines, length, mult if mult is not None else scale, q, scale, _seed_arg(seed, x.device),
         HAS_MULT=mult is not None, STOCHASTIC=seed is not None, BLOCK_L=bl, BLOCK_D=bd, num_warps=warps)
     return q, scale
 
 
 def quantize_cols_t(x: torch.Tensor, row_mult: torch.Tensor | None = None,
-                    seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    seed: Seed = None) -> tuple[torch.Tensor, torch.Tensor]:
     m, n = x.shape
     return _quantize_lines(x, n, m, x.stride(1), x.stride(0), row_mult, seed)
 

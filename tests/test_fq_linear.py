@@ -165,11 +165,12 @@ def test_layer_state_restores_budget_thresholds_and_seed_counters():
 
     src = layer(fallback="budget", threshold=4.0, stochastic_rounding=True)
     src.layer.fq_thr.copy_(torch.tensor([9.0, 2.0]))  # one above, one below the configured 4
-    src.layer._seed_calls = 7
+    src.layer.fq_seed_calls.fill_(7)
     state = layer_state(src)
     dst = layer(fallback="budget", threshold=4.0, stochastic_rounding=True)
     assert load_layer_state(dst, state) == []
-    assert dst.layer.fq_thr.tolist() == [9.0, 4.0] and dst.layer._seed_calls == 7
+    assert dst.layer.fq_thr.tolist() == [9.0, 4.0] and int(dst.layer.fq_seed_calls) == 7
+    assert torch.equal(dst.layer.next_seeds(), src.layer.next_seeds())
     # Under the fixed-threshold policy the config's threshold stands (a resumed run may change it).
     fixed = layer(threshold=6.0)
     assert load_layer_state(fixed, state) == [] and fixed.layer.fq_thr.tolist() == [6.0, 6.0]
@@ -269,3 +270,34 @@ def test_compiled_blocks_trace_triton_fq_layers_without_graph_breaks():
         if key.endswith("fallback_ratio"):
             tol = 2 / 16 if key.count("/") == 2 else 0.05  # fq/<layer>/...: one layer
             assert abs(compiled_stats[key] - value) <= tol, (key, compiled_stats[key], value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_stochastic_rounding_draws_new_seeds_like_eager():
+    """Stochastic rounding under torch.compile: the backward takes its seeds from the layer's
+    counter on the device, so the block traces in one graph and every call draws new seeds,
+    the same ones as eager mode (a seed frozen into the graph would repeat the rounding)."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    eager, compiled = (convert(tiny_model().cuda(), FQConfig(tile=32, stochastic_rounding=True)) for _ in range(2))
+    for block in compiled.layers:
+        block.compile()
+    tokens = torch.randint(0, 256, (2, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    grads = []
+    for model in (eager, compiled):
+        calls = []
+        for _ in range(2):  # the same batch and weights twice: only the seeds change
+            model.zero_grad()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                model(tokens).float().logsumexp(-1).mean().backward()
+            calls.append(model.layers[0].mlp.down_proj.weight.grad.clone())
+        grads.append(calls)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert compiled.layers[0].mlp.down_proj.last_backend == "triton"
+    for a, b in zip(*(((m.fq_seed_calls for m in model.modules() if isinstance(m, FQLinear)))
+                      for model in (eager, compiled))):
+        assert int(a) == int(b) == 4  # two seeds per backward, two backwards
+    assert not torch.equal(grads[1][0], grads[1][1])  # new seeds, new rounding
+    for call in range(2):  # the same seeds as eager: nearer its own call than the other call
+        assert rel(grads[1][call], grads[0][call]) < rel(grads[1][call], grads[0][1 - call]), call

@@ -80,9 +80,9 @@ def test_cli_recompute_every_matches_plain_run(default_cache, tmp_path):
 
 
 def test_compiled_recompute_keeps_uncompiled_fq_layers_outside_the_checkpoint():
-    """FQ layers that torch.compile cannot trace (here the reference backend; on the GPU
-    stochastic rounding) break a compiled checkpoint: dynamo then gave up on the whole block
-    (not one graph compiled here; on the H100 those blocks ran at 1/30 of the speed).
+    """FQ layers that torch.compile cannot trace (the reference backend) break a compiled
+    checkpoint: dynamo then gave up on the whole block (not one graph compiled here; on the
+    H100, when stochastic rounding still ran FQ uncompiled, those blocks ran at 1/30 of the speed).
     compile_blocks compiles the body of a recomputing block under an uncompiled checkpoint:
     its graphs compile, and the step and telemetry equal the compiled model's without recompute."""
     from torch._dynamo.utils import counters

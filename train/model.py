@@ -105,10 +105,10 @@ class Block(nn.Module):
 
 def compile_blocks(model: nn.Module, traceable: bool = True) -> None:
     """train.compile: each block is compiled on its own. `traceable`: dynamo can trace every
-    layer of the block; when some run uncompiled (FQ with stochastic rounding or on the
-    reference backend), a recomputing block compiles only its body, inside an uncompiled
-    checkpoint: a compiled checkpoint cannot hold an uncompiled call, and dynamo then ran the
-    whole block at 1/30 of the speed (1B layers, H100)."""
+    layer of the block; when some run uncompiled (FQ on the reference backend, as on CPU), a
+    recomputing block compiles only its body, inside an uncompiled checkpoint: a compiled
+    checkpoint cannot hold an uncompiled call, and dynamo then gave up on the whole block (on
+    the H100, when stochastic rounding still ran FQ uncompiled, at 1/30 of the speed)."""
     for block in model.layers:
         if block.recompute and not traceable:
             block._forward = torch.compile(block._forward)
