@@ -93,10 +93,12 @@ def linear_forward(ops, x, weight, thr, counts, tile: int, threshold: float, fal
 
 
 def linear_backward(ops, dy, weight, qt, scale_t, x, thr, counts, tile: int, threshold: float, fallback: bool,
-                    grad_input: bool, grad_weight: bool, seed_dx: int | None, seed_dw: int | None,
+                    grad_input: bool, grad_weight: bool, seeds: torch.Tensor | None,
                     need_dx: bool, need_dw: bool, x_dtype: torch.dtype):
     """dX = dY W and dW = dY^T X (each None unless needed). A GEMM switched off (grad_input /
-    grad_weight false) runs in dY's dtype; dW then needs X itself."""
+    grad_weight false) runs in dY's dtype; dW then needs X itself. `seeds`: stochastic rounding's
+    seeds for dY's two quantizations (`next_seeds`), or None."""
+    seed_dx, seed_dw = (None, None) if seeds is None else (seeds[0:1], seeds[1:2])
     dx = dw = dyq = dyq_t = None
     if need_dx and grad_input and need_dw and grad_weight:  # both layouts of dY from one pair of reads
         dyq, dyq_t, dys = ops.quantize_grad(dy, tile, thr[GRAD], threshold, fallback, scale_t, seed_dx, seed_dw,
@@ -174,12 +176,10 @@ class _EagerLinear(torch.autograd.Function):
         layer = ctx.layer
         cfg = layer.fq_config
         counts = layer._counts(GRAD)
-        seeds = layer.next_seeds()
-        seed_dx, seed_dw = (None, None) if seeds is None else (seeds[0:1], seeds[1:2])
         with torch.autocast(dy.device.type, enabled=False):
             dx, dw = linear_backward(ctx.ops, dy, weight, qt, scale_t, x, layer.fq_thr, counts, cfg.tile,
                                      cfg.threshold, cfg.fallback != "none", cfg.grad_input, cfg.grad_weight,
-                                     seed_dx, seed_dw, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                                     layer.next_seeds(), ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                                      ctx.x_dtype)
         layer._budget(GRAD, counts)
         return dx, dw, None, None, None

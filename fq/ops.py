@@ -43,10 +43,9 @@ def _linear_backward(dy: torch.Tensor, weight: torch.Tensor, qt: torch.Tensor, s
                      need_dw: bool, x_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dX, dW (empty where not needed), counts. `seeds`: stochastic rounding's two (or None)."""
     counts = torch.zeros(NUM_STATS, dtype=torch.int64, device=dy.device)
-    seed_dx, seed_dw = (None, None) if seeds is None else (seeds[0:1], seeds[1:2])
     with triton_kernels.traceable_launches():
         dx, dw = linear_backward(triton_kernels, dy, weight, qt, scale_t, x, thr, counts, tile, threshold, fallback,
-                                 grad_input, grad_weight, seed_dx, seed_dw, need_dx, need_dw, x_dtype)
+                                 grad_input, grad_weight, seeds, need_dx, need_dw, x_dtype)
     empty = dy.new_empty(0)
     return (empty if dx is None else dx), (empty if dw is None else dw), counts
 

@@ -278,8 +278,14 @@ def test_exact_resume_restores_fq_layer_state(default_cache, tmp_path):
     saved = torch.load(ck / "step-00000003" / "rng-rank1.pt", weights_only=False)["fq"]
     assert saved and all(s["seed_calls"] > 0 for s in saved.values())
     assert any(bool((s["thr"] > 1.5).any()) for s in saved.values()), "the budget never moved a threshold"
+    assert_resume_from_3_is_exact(cache, straight, resumed, *FQ_STATE)
+
+
+def assert_resume_from_3_is_exact(cache: str, straight, resumed, *args) -> None:
+    """Resume `straight`'s step-3 checkpoint on 2 ranks to step 6: the same losses and final state."""
+    ck = straight / "ck"
     train(cache, resumed, "--train.steps=6", "--checkpoint.interval=3", f"--checkpoint.resume={ck / 'step-00000003'}",
-          f"--checkpoint.dir={resumed / 'ck'}", *FQ_STATE, nproc=2)
+          f"--checkpoint.dir={resumed / 'ck'}", *args, nproc=2)
     a, b = losses(straight), losses(resumed)
     assert sorted(b) == [4, 5, 6]
     for step in (4, 5, 6):
@@ -304,13 +310,7 @@ def test_exact_resume_restores_error_feedback(default_cache, tmp_path):
     saved = sorted(k for k in keys if k.startswith("error_feedback."))
     assert {k.split(".")[1] for k in saved} == {"rank0", "rank1"}
     assert "error_feedback.rank0.layers.0" in saved and "error_feedback.rank1.root" in saved
-    train(cache, resumed, "--train.steps=6", "--checkpoint.interval=3", f"--checkpoint.resume={ck / 'step-00000003'}",
-          f"--checkpoint.dir={resumed / 'ck'}", *feedback, nproc=2)
-    a, b = losses(straight), losses(resumed)
-    assert sorted(b) == [4, 5, 6]
-    for step in (4, 5, 6):
-        assert b[step] == a[step], (step, b[step], a[step])
-    assert_same_state(str(ck / "step-00000006"), str(resumed / "ck" / "step-00000006"))
+    assert_resume_from_3_is_exact(cache, straight, resumed, *feedback)
     res = train(cache, tmp_path / "one", "--train.steps=4", f"--checkpoint.resume={ck / 'step-00000003'}",
                 *feedback)
     assert "and error-feedback residuals, are per rank and start afresh" in res.stderr
