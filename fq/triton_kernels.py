@@ -193,7 +193,7 @@ def _act_quant_kernel(x_ptr, s_xm, s_xk, M, K, KT, inv_ptr, flags_ptr, q_ptr, q2
     pid_k = tl.program_id(1)
     rows = pid_m * TILE + tl.arange(0, TILE)
     cols = pid_k * TILE + tl.arange(0, TILE)
-    seed, seed_t = _seeds(seed_ptr, seed_t_ptr, STOCHASTIC)
+    seed, seed_t = _seed(seed_ptr, STOCHASTIC), _seed(seed_t_ptr, STOCHASTIC)
     if tl.load(flags_ptr + pid_m * KT + pid_k) != 0:
         _quant_fallback_tile(x_ptr, s_xm, s_xk, M, K, rows, cols, inv_ptr, q_ptr, q2_ptr, qt_ptr, inv_t_ptr,
                              inv_c_ptr, c1_ptr + pid_m * KT + pid_k, c2_ptr + pid_m * KT + pid_k, stats_ptr, seed,
@@ -205,14 +205,14 @@ def _act_quant_kernel(x_ptr, s_xm, s_xk, M, K, KT, inv_ptr, flags_ptr, q_ptr, q2
 
 
 @triton.jit
-def _seeds(seed_ptr, seed_t_ptr, STOCHASTIC: tl.constexpr):
-    """Stochastic rounding's seeds, from device memory: under torch.compile they come from a
-    counter on the device, so a graph does not freeze them (philox draws the same numbers from
+def _seed(seed_ptr, STOCHASTIC: tl.constexpr):
+    """A stochastic-rounding seed, from device memory: under torch.compile it comes from a
+    counter on the device, so a graph does not freeze it (philox draws the same numbers from
     an int64 seed as from an int32 argument of the same value)."""
     if STOCHASTIC:
-        return tl.load(seed_ptr), tl.load(seed_t_ptr)
+        return tl.load(seed_ptr)
     else:
-        return 0, 0
+        return 0
 
 
 @triton.jit
@@ -295,7 +295,7 @@ def _line_quant_kernel(x_ptr, s_l, s_d, L, D, mult_ptr, q_ptr, scale_ptr, seed_p
     lines = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
     ds = tl.arange(0, BLOCK_D)
     lmask = lines < L
-    seed, _ = _seeds(seed_ptr, seed_ptr, STOCHASTIC)
+    seed = _seed(seed_ptr, STOCHASTIC)
     acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         mask = lmask[:, None] & (d0 + ds[None, :] < D)
