@@ -7,6 +7,7 @@ medians of the logged steps after warm-up, read back from metrics.jsonl.
     python tools/bench_train.py --config configs/llama-1b.toml --steps 30 --rows bf16,fq,rowwise
     python tools/bench_train.py --nproc 2 --rows bf16,fq ...   # FSDP over 2 GPUs
     python tools/bench_train.py --profile 3 ...                # + where each row's time goes
+    python tools/bench_train.py --memory 6 ...                 # + what is alive at step 6's peak
 
 Rows: bf16 (fq.enabled=false), fq (FQ-INT8 with fallback), rowwise (fq.fallback=none: per-row
 INT8 without fallback, the torchao-style recipe), fqbudget (fallback capped near 5% of tiles per
@@ -79,6 +80,8 @@ def run_row(name: str, args, data: str, workdir: str) -> dict:
            f"--model.vocab_size={args.vocab}", *row_overrides(name), *args.extra]
     if args.profile:  # the steps right after warm-up; left out of the medians below
         cli += [f"--logging.profile_steps={args.profile}", f"--logging.profile_start={args.warmup + 1}"]
+    if args.memory:
+        cli += [f"--logging.memory_snapshot_step={args.memory}"]
     if args.nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={args.nproc}", "-m", "train", *cli]
@@ -98,11 +101,12 @@ def run_row(name: str, args, data: str, workdir: str) -> dict:
             "peak_mem_gib": max((r.get("peak_mem_gib") or 0.0) for r in timed), "loss_last": rows[-1]["loss"],
             "fallback_ratio": rows[-1].get("fallback_ratio"),
             "backend": backend[-1].split("fq: ", 1)[1][:60] if backend else "fq off",
-            "profile": _read_profile(run_dir) if args.profile else None}
+            "profile": _read_profile(run_dir, "summary.json") if args.profile else None,
+            "memory": _read_profile(run_dir, "memory_summary.json") if args.memory else None}
 
 
-def _read_profile(run_dir: str) -> dict | None:
-    path = os.path.join(run_dir, "profile", "summary.json")
+def _read_profile(run_dir: str, name: str) -> dict | None:
+    path = os.path.join(run_dir, "profile", name)
     if not os.path.exists(path):
         return None
     with open(path) as f:
@@ -121,6 +125,8 @@ def main() -> None:
     ap.add_argument("--sockets", action="store_true", help="NCCL over its socket transport (no NVLink, no shared memory)")
     ap.add_argument("--profile", type=int, default=0,
                     help="profile this many steps after the warm-up and print where the time goes")
+    ap.add_argument("--memory", type=int, default=0,
+                    help="record the allocator over this step and print what is alive at its peak")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args, args.extra = ap.parse_known_args()  # the rest: --section.key=value overrides for every row
     for name in args.rows.split(","):
@@ -151,6 +157,11 @@ def main() -> None:
         for r in results:
             if r.get("profile"):
                 print(f"\n{r['row']}:\n{format_summary(r['profile'])}")
+    if args.memory:
+        from train.profiling import format_breakdown
+        for r in results:
+            if r.get("memory"):
+                print(f"\n{r['row']}:\n{format_breakdown(r['memory'], args.memory)}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

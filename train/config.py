@@ -141,6 +141,9 @@ class LoggingConfig:
     # a Chrome trace per rank and a time breakdown in {dir}/profile (train/profiling.py).
     profile_steps: int = 0
     profile_start: int = 10
+    # Record every CUDA allocation of this step (0: off): a snapshot per rank in {dir}/profile
+    # for pytorch.org/memory_viz, and the log lists what is alive at the step's peak.
+    memory_snapshot_step: int = 0
 
 
 @dataclass
@@ -350,6 +353,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     need(lg.profile_steps == 0 or lg.profile_start + lg.profile_steps - 1 <= cfg.train.steps,
          f"logging.profile_start={lg.profile_start} + profile_steps={lg.profile_steps} runs past "
          f"train.steps={cfg.train.steps}; profile earlier steps or train longer")
+    need(0 <= lg.memory_snapshot_step <= cfg.train.steps,
+         f"logging.memory_snapshot_step={lg.memory_snapshot_step}: must be a step of the run, "
+         f"1..train.steps={cfg.train.steps} (0: off)")
     need(not lg.outliers or (lg.outlier_interval > 0 and lg.outlier_interval % lg.interval == 0),
          f"logging.outlier_interval={lg.outlier_interval} must be a positive multiple of "
          f"logging.interval={lg.interval} (outlier counts are logged with the other metrics)")

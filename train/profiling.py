@@ -8,12 +8,21 @@ also writes `profile/summary.json` and logs a table: wall time per step, how muc
 was busy (the union of kernel intervals), and GPU time and launches per kernel category. A GPU
 busy far below the wall time means the step is bound by the host (Python, launches), not by
 the kernels.
+
+    fqtrain --logging.memory_snapshot_step=10
+
+records every CUDA allocation of step 10 and writes `profile/memory_rank{R}.pickle` (drag it into
+https://pytorch.org/memory_viz). Rank 0 also writes `profile/memory_summary.json` and logs what
+was alive at the step's peak, by the line that allocated it: for compiled blocks, a line of
+inductor's generated code, which names the buffer's shape and dtype.
 """
 from __future__ import annotations
 
 import json
+import linecache
 import logging
 import os
+import pickle
 import re
 import time
 
@@ -140,3 +149,101 @@ class StepProfiler:
             log.info(format_summary(summary))
             log.info(f"profile: trace in {trace}")
         self.prof = None
+
+
+def allocation_site(frames: list[dict]) -> str:
+    """Where a block was allocated: the innermost Python frame outside torch (project code, or
+    inductor's generated code for a compiled graph), with its source line."""
+    torch_dir = os.path.dirname(torch.__file__)
+    for fr in frames:
+        name = fr.get("filename", "")
+        if name.startswith(torch_dir) or not name.endswith(".py") or "/lib/python" in name:
+            continue
+        text = linecache.getline(name, fr.get("line", 0)).strip()
+        return f"{os.path.basename(name)}:{fr.get('line')} {fr.get('name', '')}" + (f": {text[:90]}" if text else "")
+    return "torch internals" if frames else "no stack recorded"
+
+
+def peak_breakdown(events: list[dict], before_bytes: int, top: int = 12) -> dict:
+    """Replay a step's allocator trace (`alloc` / `free_completed` events) from `before_bytes`
+    already allocated, and group what is alive at the highest point by allocation site. Blocks
+    allocated before the step (parameters, optimizer state) form one group."""
+    def replay(stop: int | None):
+        live, before, total, peak, peak_at = {}, before_bytes, before_bytes, before_bytes, -1
+        for i, e in enumerate(events[:stop]):
+            if e["action"] == "alloc":
+                live[e["addr"]] = (e["size"], e.get("frames", []))
+                total += e["size"]
+            elif e["action"] == "free_completed":
+                if e["addr"] in live:
+                    total -= live.pop(e["addr"])[0]
+                else:  # freed during the step, allocated before it
+                    total -= e["size"]
+                    before -= e["size"]
+            if total > peak:
+                peak, peak_at = total, i
+        return live, before, peak, peak_at
+
+    _, _, peak, peak_at = replay(None)
+    live, before, _, _ = replay(peak_at + 1)
+    sites: dict[str, list[int]] = {}
+    for size, frames in live.values():
+        entry = sites.setdefault(allocation_site(frames), [0, 0])
+        entry[0] += size
+        entry[1] += 1
+    groups = [{"site": "allocated before the step (parameters, optimizer state, ...)", "bytes": before, "blocks": None}]
+    groups += [{"site": k, "bytes": b, "blocks": n} for k, (b, n) in sorted(sites.items(), key=lambda kv: -kv[1][0])]
+    shown = groups[:top + 1]
+    rest = sum(g["bytes"] for g in groups[top + 1:])
+    if rest:
+        shown.append({"site": f"{len(groups) - top - 1} other sites", "bytes": rest, "blocks": None})
+    return {"peak_bytes": peak, "peak_event": peak_at, "events": len(events), "groups": shown}
+
+
+def format_breakdown(b: dict, step: int) -> str:
+    lines = [f"memory: step {step} peaks at {b['peak_bytes'] / 2**30:.2f} GiB; alive then, by allocation site:"]
+    for g in b["groups"]:
+        n = "" if g["blocks"] is None else f" ({g['blocks']} blocks)"
+        lines.append(f"  {g['bytes'] / 2**30:8.3f} GiB{n:>14}  {g['site']}")
+    return "\n".join(lines)
+
+
+class MemorySnapshot:
+    """logging.memory_snapshot_step: record the CUDA allocator over one step (`before` / `after`
+    around each step, 1-based), write the snapshot, and log what is alive at the step's peak."""
+
+    def __init__(self, step: int, run_dir: str, rank: int, device: torch.device):
+        self.step, self.rank, self.device = step, rank, device
+        self.dir = os.path.join(run_dir, "profile")
+        self.base = None
+        if step and device.type != "cuda":
+            log.warning(f"logging.memory_snapshot_step={step}: memory snapshots record the CUDA allocator; "
+                        f"this run is on {device.type}, so none is taken")
+            self.step = 0
+
+    def before(self, step: int) -> None:
+        if step != self.step:
+            return
+        torch.cuda.synchronize(self.device)
+        self.base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks="python",
+                                                 max_entries=2_000_000, device=self.device)
+
+    def after(self, step: int) -> None:
+        if self.base is None or step != self.step:
+            return
+        torch.cuda.synchronize(self.device)
+        snapshot = torch.cuda.memory._snapshot(self.device)
+        torch.cuda.memory._record_memory_history(enabled=None, device=self.device)
+        os.makedirs(self.dir, exist_ok=True)
+        path = os.path.join(self.dir, f"memory_rank{self.rank}.pickle")
+        with open(path, "wb") as f:
+            pickle.dump(snapshot, f)
+        if self.rank == 0:
+            trace = snapshot["device_traces"][self.device.index or 0]
+            breakdown = peak_breakdown(trace, self.base)
+            with open(os.path.join(self.dir, "memory_summary.json"), "w", encoding="utf-8") as f:
+                json.dump(breakdown, f, indent=1)
+            log.info(format_breakdown(breakdown, step))
+            log.info(f"memory: snapshot in {path} (open it at https://pytorch.org/memory_viz)")
+        self.base = None

@@ -27,7 +27,7 @@ from train.data import IndexedDataset, SampleStream, resolve_val_prefix
 from train.metrics import MetricsWriter
 from train.model import Transformer, compile_blocks, flops_per_token, num_params
 from train.outliers import OutlierMonitor
-from train.profiling import StepProfiler
+from train.profiling import MemorySnapshot, StepProfiler
 from train.schedule import lr_factor
 
 log = logging.getLogger("fqtrain")
@@ -402,6 +402,7 @@ class Trainer:
             log.info(f"nothing to do: the run is already at step {start_step} of train.steps={cfg.train.steps}")
         profiler = StepProfiler(cfg.logging.profile_start, cfg.logging.profile_steps, self.run_dir,
                                 self.rank, self.device)
+        memory = MemorySnapshot(cfg.logging.memory_snapshot_step, self.run_dir, self.rank, self.device)
         t0 = time.perf_counter()
         t_last, step_last = t0, self.step
         last_val = None
@@ -411,7 +412,9 @@ class Trainer:
             if self.outliers is not None:
                 self.outliers.active = self._outlier_step(self.step + 1)
             profiler.before(self.step + 1)
+            memory.before(self.step + 1)
             out = self.train_step()
+            memory.after(self.step)
             profiler.after(self.step)
             if self.outliers is not None:
                 self.outliers.active = False
