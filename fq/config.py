@@ -33,6 +33,10 @@ class FQConfig:
     include: tuple[str, ...] = ("layers.*",)
     # Globs removed from the include set (e.g. "layers.0.*").
     exclude: tuple[str, ...] = ()
+    # SwiGLU keeps its gate and up inputs for the backward as INT8 with one scale per 128 values
+    # instead of BF16 (fq/swiglu.py): half of a Llama block's largest saved activation. Works
+    # with or without the INT8 GEMMs (enabled=false); only the SwiGLU backward sees the rounding.
+    swiglu_int8: bool = False
     # auto: Triton on CUDA with compute capability >= 8.0, else the pure-torch reference.
     backend: str = "auto"
 

@@ -51,7 +51,12 @@ def test_profiled_run_writes_trace_and_summary(default_cache, tmp_path):
     with gzip.open(run_dir / "profile" / "trace_rank0.json.gz", "rt") as f:
         assert json.load(f)["traceEvents"]
     assert "profile: 2 step(s)" in proc.stderr
-    assert "memory snapshots record the CUDA allocator; this run is on cpu" in proc.stderr
+    if torch.cuda.is_available():  # the trainer runs on the GPU: step 2's allocations, by site
+        memory = json.loads((run_dir / "profile" / "memory_summary.json").read_text())
+        assert memory["peak_bytes"] > 0 and len(memory["groups"]) > 1
+        assert "memory: step 2 peaks at" in proc.stderr
+    else:
+        assert "memory snapshots record the CUDA allocator; this run is on cpu" in proc.stderr
 
 
 def _frames(line):

@@ -71,7 +71,7 @@ def test_cli_recompute_every_matches_plain_run(default_cache, tmp_path):
     def metrics(run):
         with open(os.path.join(run, "metrics.jsonl"), encoding="utf-8") as f:
             recs = [json.loads(line) for line in f if '"loss"' in line]
-        drop = ("tokens_per_sec", "mfu", "step_time", "time", "elapsed", "peak_mem_gib", "eta")
+        drop = ("tokens_per_sec", "mfu", "tflops", "step_time", "time", "elapsed", "peak_mem_gib", "eta")
         return [{k: v for k, v in r.items() if not any(d in k for d in drop)} for r in recs]
 
     a, b = metrics(tmp_path / "plain"), metrics(tmp_path / "recompute")

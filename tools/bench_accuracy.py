@@ -17,7 +17,8 @@ stopped (checkpoint.resume=auto), its metrics.jsonl growing, so a long compariso
 several time-limited calls.
 
 Rows: bf16 (fq off), fq (FQ-INT8, fallback on), nofallback (fq.fallback=none: block/row INT8
-only), fq_budget5 (fallback capped near 5% of tiles per layer and GEMM), fq_int8comm (FQ + INT8
+only), fq_swiglu8 (FQ with fq.swiglu_int8: SwiGLU saves gate and up as INT8), fq_budget5
+(fallback capped near 5% of tiles per layer and GEMM), fq_int8comm (FQ + INT8
 all-gather/reduce-scatter, FSDP over 2 processes). The one-GPU rows run side by side on `--gpus`
 GPUs (CUDA_VISIBLE_DEVICES), the 2-process row after them; with --together every row starts at
 once (several per GPU: small models leave the GPU idle while the host launches kernels, so the
@@ -45,6 +46,7 @@ ROWS = {
     "bf16": (1, ["--fq.enabled=false"]),
     "fq": (1, ["--fq.enabled=true"]),
     "nofallback": (1, ["--fq.enabled=true", "--fq.fallback=none"]),
+    "fq_swiglu8": (1, ["--fq.enabled=true", "--fq.swiglu_int8=true"]),
     "fq_budget5": (1, ["--fq.enabled=true", "--fq.fallback=budget", "--fq.budget=0.05"]),
     "fq_int8comm": (2, ["--fq.enabled=true", "--parallel.all_gather_dtype=int8",
                         "--parallel.reduce_scatter_dtype=int8"]),

@@ -14,7 +14,8 @@ INT8 without fallback, the torchao-style recipe), fqbudget (fallback capped near
 layer and GEMM, the kernels' design point), float8 (torchao's float8 training, a peer; needs
 torchao), with suffixes: `+compile` (torch.compile),
 `+bf16comm` (bf16 all-gather / fp32 reduce-scatter instead of the default INT8 wire),
-`+deepspeed` (DeepSpeed ZeRO-3, ZeRO++ with INT8 comms). Comms matter from --nproc 2 on;
+`+deepspeed` (DeepSpeed ZeRO-3, ZeRO++ with INT8 comms), `+swiglu8` (fq.swiglu_int8: SwiGLU
+saves its inputs as INT8). Comms matter from --nproc 2 on;
 `--sockets` makes NCCL use its socket transport (NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1), which
 stands in for slow links between nodes:
 
@@ -47,6 +48,7 @@ MODIFIERS = {
     "compile": ["--train.compile=true"],
     "bf16comm": ["--parallel.all_gather_dtype=bf16", "--parallel.reduce_scatter_dtype=fp32"],
     "deepspeed": ["--parallel.engine=deepspeed"],  # ZeRO-3; ZeRO++ with the (default) int8 comm dtypes
+    "swiglu8": ["--fq.swiglu_int8=true"],  # SwiGLU saves gate and up as INT8 (fq/swiglu.py)
 }
 
 

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from fq.swiglu import swiglu
 from train.config import ModelConfig, ffn_hidden
 
 
@@ -73,10 +74,12 @@ class MLP(nn.Module):
         hidden = ffn_hidden(cfg)
         self.gate_up_proj = nn.Linear(cfg.dim, 2 * hidden, bias=False)  # rows: gate, then up
         self.down_proj = nn.Linear(hidden, cfg.dim, bias=False)
+        # fq.swiglu_int8: keep gate and up for the backward as INT8 (fq/swiglu.py), not BF16.
+        self.swiglu_int8 = False
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(swiglu(gate, up, self.swiglu_int8))
 
 
 class Block(nn.Module):

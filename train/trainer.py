@@ -147,6 +147,10 @@ class Trainer:
         model = Transformer(cfg.model)
         self.n_params = num_params(model)
         fq.convert(model, cfg.fq)
+        if cfg.fq.swiglu_int8:
+            for block in model.layers:
+                block.mlp.swiglu_int8 = True
+            log.info("fq.swiglu_int8: SwiGLU keeps gate and up for the backward as INT8 (fq/swiglu.py)")
         if cfg.train.peer_linear == "torchao_float8":
             _torchao_float8(model, self.device)
         model.to(self.device)
