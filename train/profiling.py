@@ -161,7 +161,8 @@ def allocation_site(frames: list[dict]) -> str:
             continue
         text = linecache.getline(name, fr.get("line", 0)).strip()
         return f"{os.path.basename(name)}:{fr.get('line')} {fr.get('name', '')}" + (f": {text[:90]}" if text else "")
-    return "torch internals" if frames else "no stack recorded"
+    # No Python frame: allocated from C++, mostly the autograd engine running the backward.
+    return "torch internals" if frames else "no Python frame (the backward's engine, C++)"
 
 
 def peak_breakdown(events: list[dict], before_bytes: int, top: int = 12) -> dict:
