@@ -67,7 +67,7 @@ def test_forward_is_exact_and_backward_close_to_float64(dtype):
     def rel(a, ref):
         return ((a.double() - ref).norm() / ref.norm()).item()
 
-    # INT8 groups: ~0.5% of the gradient's norm (about 46 dB); BF16's own rounding is ~0.3%.
+    # INT8 groups: 0.7-0.9% of the gradient's norm here; BF16's own rounding is 0.25-0.3%.
     assert rel(dg8, dg64) < 1e-2 and rel(du8, du64) < 1e-2
     assert rel(dg8, dg64) > 1e-4  # the rounding does reach the backward: the test can fail
     if dtype == torch.bfloat16:
