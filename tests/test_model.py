@@ -1,7 +1,7 @@
 import torch
 
 from train.config import ModelConfig, ffn_hidden
-from train.model import Transformer, flops_per_token, num_params
+from train.model import Transformer, apply_rope, flops_per_token, num_params
 
 CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, max_seq_len=32)
 
@@ -24,11 +24,33 @@ def test_causal_future_tokens_do_not_change_the_past():
     assert not torch.allclose(a[:, 12:], b[:, 12:])
 
 
-def test_gqa_matches_explicit_heads():
-    # With n_kv_heads == n_heads the repeat is a no-op; with GQA the k/v projections are smaller.
+def test_projection_shapes_with_gqa():
+    # GQA: 4 q heads and 2 k/v heads of 16, so the k/v rows of qkv_proj are half of q's.
     model = Transformer(CFG)
     assert model.layers[0].attention.qkv_proj.weight.shape == ((4 + 2 * 2) * 16, 64)
     assert model.layers[0].mlp.gate_up_proj.weight.shape == (2 * ffn_hidden(CFG), 64)
+
+
+def test_gqa_attention_matches_explicitly_repeated_heads():
+    # The model lets SDPA share k/v heads (enable_gqa); the reference repeats them per q head.
+    torch.manual_seed(0)
+    model = Transformer(CFG)
+    attn, x = model.layers[0].attention, torch.randn(2, 11, 64, requires_grad=True)
+    cos, sin = model.rope_cos, model.rope_sin
+
+    def repeated(x):
+        q, k, v = attn.qkv_proj(x).view(2, 11, -1, 16).split([4, 2, 2], dim=2)
+        q, k, v = (apply_rope(t.transpose(1, 2), cos, sin) if i < 2 else t.transpose(1, 2)
+                   for i, t in enumerate((q, k, v)))
+        k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return attn.o_proj(y.transpose(1, 2).reshape(2, 11, -1))
+
+    out, ref = attn(x, cos, sin), repeated(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    (gx,) = torch.autograd.grad(out.square().sum(), x)
+    (gr,) = torch.autograd.grad(ref.square().sum(), x)
+    torch.testing.assert_close(gx, gr, rtol=1e-5, atol=1e-6)
 
 
 def test_tied_embeddings_share_storage():
