@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fq.swiglu import swiglu
 from train.config import ModelConfig, ffn_hidden
+from train.loss import linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -119,6 +120,18 @@ def compile_blocks(model: nn.Module, traceable: bool = True) -> None:
             block.compile()
 
 
+class OutputHead(nn.Linear):
+    """The LM head. With targets it returns the mean cross-entropy, computed a chunk of tokens
+    at a time (train/loss.py) so the full FP32 logits never exist; without, the FP32 logits.
+    Its own module, so the head's weight is gathered by its forward under sharding (DeepSpeed
+    ZeRO-3 gathers per module)."""
+
+    def forward(self, h: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        if targets is None:
+            return super().forward(h).float()
+        return linear_cross_entropy(h, self.weight, targets)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -128,7 +141,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.output = OutputHead(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
@@ -156,14 +169,15 @@ class Transformer(nn.Module):
         self.rope_cos.copy_(rope[0])
         self.rope_sin.copy_(rope[1])
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (batch, seq) -> logits (batch, seq, vocab) in fp32."""
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (batch, seq) -> logits (batch, seq, vocab) in fp32; with targets (batch, seq),
+        the mean cross-entropy instead."""
         if tokens.shape[1] > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {tokens.shape[1]} > model.max_seq_len {self.cfg.max_seq_len}")
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h, self.rope_cos, self.rope_sin)
-        return self.output(self.norm(h)).float()
+        return self.output(self.norm(h), targets)
 
 
 def num_params(model: nn.Module, exclude_embeddings: bool = True) -> int:

@@ -17,7 +17,6 @@ import warnings
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import fq
 from parallel.fsdp import build_mesh, shard_model
@@ -269,8 +268,7 @@ class Trainer:
 
     def loss_fn(self, tokens: torch.Tensor) -> torch.Tensor:
         tokens = tokens.to(self.device, non_blocking=True)
-        logits = self.model(tokens[:, :-1])
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1))
+        return self.model(tokens[:, :-1], tokens[:, 1:])
 
     def train_step(self) -> dict:
         if self.cfg.parallel.engine == "deepspeed":
