@@ -41,6 +41,21 @@ def test_categories_and_per_step_figures():
     assert categorize("flash_fwd_kernel") == "attention" and categorize("Memcpy DtoD") == "copy / cast / fill"
 
 
+def test_every_project_kernel_has_its_category():
+    # The kernel names as written in the sources: a new or renamed kernel must not fall into
+    # "bf16/fp32 matmul" or "other kernels" (the TMA GEMM once did).
+    import pathlib
+    import re
+    root = pathlib.Path(__file__).resolve().parents[1]
+    expected = {"fq/triton_kernels.py": ("fq gemm", "fq quantize"), "parallel/quantize_triton.py": ("comm quantize",)}
+    for path, categories in expected.items():
+        names = re.findall(r"def (\w+_kernel)\(", (root / path).read_text())
+        assert len(names) >= 3, path
+        for name in names:
+            assert categorize(name) in categories, (path, name, categorize(name))
+    assert categorize("_fq_gemm_tma_kernel") == "fq gemm" and categorize("_scales_kernel") == "fq quantize"
+
+
 def test_profiled_run_writes_trace_and_summary(default_cache, tmp_path):
     run_dir = tmp_path / "run"
     proc = run_cli([*TINY, "--train.steps=3", "--logging.profile_steps=2", "--logging.profile_start=2",
