@@ -102,3 +102,13 @@ def test_model_loss_matches_cross_entropy_of_its_logits(tie):
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_bench_loss_runs_on_cpu():
+    import pathlib
+    import subprocess
+    import sys
+    tool = pathlib.Path(__file__).resolve().parents[1] / "tools" / "bench_loss.py"
+    out = subprocess.run([sys.executable, str(tool), "--tokens", "64", "--dim", "16", "--vocab", "300",
+                          "--iters", "1", "--device", "cpu"], capture_output=True, text=True, check=True).stdout
+    assert "| 64 | plain |" in out and "(default) |" in out

@@ -3,31 +3,31 @@
 Computed the plain way (logits = h @ W^T in full, then F.cross_entropy), the loss holds the
 FP32 logits, their log-softmax and its gradient for every token of the micro-batch: 2.9 GiB for
 4 x 2048 tokens at vocabulary 32000 (docs/benchmarks.md), ~12 GiB at Llama 3's 128k, alive at
-the step's peak next to every block's activations. Here each chunk's logits live
-only while that chunk is processed: the forward also computes the gradients of h and W (the
-softmax minus the one-hot target, times W or h) and keeps only those, h's in h's dtype and W's
-in FP32, so no logits survive until the backward. Same loss and gradients as the plain way up to
-rounding. Under no_grad (evaluation) no gradient is computed.
+the step's peak next to every block's activations. Here each chunk's logits live only while
+that chunk is processed: the forward also computes the gradients of h and W (the softmax minus
+the one-hot target, times W or h; W's summed over the chunks in FP32) and keeps only those, in
+h's and W's dtypes, so no logits survive until the backward. Same loss and gradients as the
+plain way up to rounding. Under no_grad (evaluation) no gradient is computed.
 """
 from __future__ import annotations
 
 import torch
 
-# Tokens per chunk are chosen so one chunk's FP32 logits hold at most this many values
-# (128 MiB): large enough for efficient GEMMs, small next to a micro-batch's activations.
-CHUNK_VALUES = 2 ** 25
+# Tokens per chunk. Each chunk adds its share to W's FP32 gradient (a read and a write of
+# vocab x dim values), so small chunks are slow: on the H100 (tools/bench_loss.py) 2048 tokens
+# cost +6% over the plain loss's time at vocab 32000 and +14% at 128k, 1024 tokens +23-30%, and
+# 4096 nothing at 32k but twice 2048's memory. One chunk's FP32 log-softmax is 2048 x vocab x 4
+# bytes: 250 MiB at 32k, 1 GiB at 128k.
+CHUNK_TOKENS = 2048
 
 
-def chunk_tokens(vocab_size: int) -> int:
-    return max(1, CHUNK_VALUES // vocab_size)
+def _log_softmax(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """One chunk's log-softmax in FP32, straight from the BF16 logits (one kernel, no FP32 copy)."""
+    return torch.log_softmax(h @ weight.t(), -1, dtype=torch.float32)
 
 
-def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
-    """Logits of one chunk in FP32, their log-sum-exp and the summed loss."""
-    logits = (h @ weight.t()).float()
-    lse = logits.logsumexp(-1)
-    loss = (lse - logits.gather(1, targets[:, None]).squeeze(1)).sum()
-    return logits, lse, loss
+def _nll_sum(lsm: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return -lsm.gather(1, targets[:, None]).sum()
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -35,24 +35,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h, weight, targets, chunk):
         n = h.shape[0]
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(h) if want_h else None
+        grad_h = torch.zeros_like(h) if want_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for s in range(0, n, chunk):
             hc, tc = h[s:s + chunk], targets[s:s + chunk]
-            logits, lse, loss = _chunk_loss(hc, weight, tc)
-            total += loss
-            # d(mean loss)/d(logits) = (softmax - one_hot) / n, in place over the logits. The 1/n
-            # is applied before the cast, as F.cross_entropy's backward does.
-            g = logits.sub_(lse[:, None]).exp_()
+            lsm = _log_softmax(hc, weight)
+            total += _nll_sum(lsm, tc)
+            # d(sum of losses)/d(logits) = softmax - one_hot, in place over the log-softmax; the
+            # mean's 1/n is applied inside the GEMMs (alpha), so no extra rounding step.
+            g = lsm.exp_()
             g[torch.arange(g.shape[0], device=g.device), tc] -= 1.0
-            g = g.mul_(1.0 / n).to(h.dtype)
+            g = g.to(h.dtype)
             if want_h:
-                grad_h[s:s + chunk] = g @ weight
+                torch.addmm(grad_h[s:s + chunk], g, weight, beta=0, alpha=1.0 / n, out=grad_h[s:s + chunk])
             if want_w:
-                grad_w += g.t() @ hc
+                grad_w.add_(g.t() @ hc, alpha=1.0 / n)
+        if want_w:  # summed in FP32 over the chunks; kept until the backward in W's dtype
+            grad_w = grad_w.to(weight.dtype)
         ctx.save_for_backward(grad_h, grad_w)
-        ctx.weight_dtype = weight.dtype
         return total / n
 
     @staticmethod
@@ -60,7 +61,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         # grad_loss is 1/accumulation steps in training: exact when that is a power of two.
         dh = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
-        dw = (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
+        dw = grad_w * grad_loss.to(grad_w.dtype) if grad_w is not None else None
         return dh, dw, None, None
 
 
@@ -71,9 +72,9 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
     if h.shape[0] != targets.shape[0]:
         raise ValueError(f"{h.shape[0]} hidden states but {targets.shape[0]} targets")
-    chunk = chunk or chunk_tokens(weight.shape[0])
+    chunk = chunk or CHUNK_TOKENS
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(h, weight, targets, chunk)
-    total = sum(_chunk_loss(h[s:s + chunk], weight, targets[s:s + chunk])[2]
+    total = sum(_nll_sum(_log_softmax(h[s:s + chunk], weight), targets[s:s + chunk])
                 for s in range(0, h.shape[0], chunk))
     return total / h.shape[0]
