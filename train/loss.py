@@ -2,8 +2,8 @@
 
 Computed the plain way (logits = h @ W^T in full, then F.cross_entropy), the loss holds the
 FP32 logits, their log-softmax and its gradient for every token of the micro-batch: 2.9 GiB for
-4 x 2048 tokens at vocabulary 32000 (docs/benchmarks.md), ~12 GiB at Llama 3's 128k, alive at
-the step's peak next to every block's activations. Here each chunk's logits live only while
+8192 tokens at vocabulary 32000, 11.7 GiB at Llama 3's 128k (tools/bench_loss.py), alive at the
+step's peak next to every block's activations. Here each chunk's logits live only while
 that chunk is processed: the forward also computes the gradients of h and W (the softmax minus
 the one-hot target, times W or h; W's summed over the chunks in FP32) and keeps only those, in
 h's and W's dtypes, so no logits survive until the backward. Same loss and gradients as the
@@ -15,8 +15,8 @@ import torch
 
 # Tokens per chunk. Each chunk adds its share to W's FP32 gradient (a read and a write of
 # vocab x dim values), so small chunks are slow: on the H100 (tools/bench_loss.py) 2048 tokens
-# cost +6% over the plain loss's time at vocab 32000 and +14% at 128k, 1024 tokens +23-30%, and
-# 4096 nothing at 32k but twice 2048's memory. One chunk's FP32 log-softmax is 2048 x vocab x 4
+# cost 6-8% over the plain loss's time at vocab 32000 and 11-15% at 128k, 1024 tokens 22-32%,
+# 4096 nothing at 32k but 1.65-1.8x 2048's peak. One chunk's FP32 log-softmax is 2048 x vocab x 4
 # bytes: 250 MiB at 32k, 1 GiB at 128k.
 CHUNK_TOKENS = 2048
 
