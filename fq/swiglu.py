@@ -6,7 +6,7 @@ it is kept as INT8 with one FP32 scale per 128 consecutive values of a row (absm
 to nearest), half the bytes. The forward output is exact; only the SwiGLU backward sees the
 rounding, an error of at most half a step (absmax / 254) per value, finer than the 128 x 128
 tiles the backward GEMMs already quantize dY with. Pure torch: under torch.compile inductor
-fuses the quantization into the kernel that computes silu(gate) * up, and the dequantization
+computes silu(gate) * up and both quantizations in one kernel, and fuses the dequantization
 into the backward's.
 """
 from __future__ import annotations
@@ -17,16 +17,24 @@ import torch.nn.functional as F
 GROUP = 128
 
 
+def _groups(x: torch.Tensor) -> torch.Tensor:
+    """x's last dim zero-padded to a multiple of GROUP and split: (..., groups, GROUP)."""
+    return F.pad(x, (0, -x.shape[-1] % GROUP)).unflatten(-1, (-1, GROUP))
+
+
+def _quantize(xg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    xf = xg.float()
+    scale = xf.abs().amax(-1, keepdim=True) / 127.0
+    q = torch.where(scale > 0, xf / scale, 0.0).round().clamp(-127, 127).to(torch.int8)
+    return q, scale.squeeze(-1)
+
+
 def quantize_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """INT8 digits (x's shape) and FP32 scales (x's shape with the last dim in groups of GROUP,
     the last group zero-padded). A zero group has scale 0 and digits 0; a non-finite value makes
     its group's scale non-finite, so the dequantized group is NaN (never silently finite)."""
-    n = x.shape[-1]
-    pad = -n % GROUP
-    xf = F.pad(x.float(), (0, pad)).unflatten(-1, (-1, GROUP))
-    scale = xf.abs().amax(-1, keepdim=True) / 127.0
-    q = torch.where(scale > 0, xf / scale, 0.0).round().clamp(-127, 127).to(torch.int8)
-    return q.flatten(-2)[..., :n], scale.squeeze(-1)
+    q, scale = _quantize(_groups(x))
+    return q.flatten(-2)[..., :x.shape[-1]], scale
 
 
 def dequantize_groups(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -38,9 +46,15 @@ def dequantize_groups(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 class _SwiGLUInt8(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
-        ctx.save_for_backward(*quantize_groups(gate), *quantize_groups(up))
+        n = gate.shape[-1]
+        g, u = _groups(gate), _groups(up)
+        (gq, gs), (uq, us) = _quantize(g), _quantize(u)
+        ctx.save_for_backward(gq.flatten(-2)[..., :n], gs, uq.flatten(-2)[..., :n], us)
         ctx.dtypes = gate.dtype, up.dtype
-        return F.silu(gate) * up
+        # silu(gate) * up on the same grouped view as the quantization, so that inductor computes
+        # all three in one kernel (two before: 0.34 -> 0.24 ms for 8192 x 2 x 8192 on the H100);
+        # elementwise, so the same bits as on the flat tensors.
+        return (F.silu(g) * u).flatten(-2)[..., :n]
 
     @staticmethod
     def backward(ctx, dy):
