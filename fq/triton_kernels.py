@@ -1,10 +1,11 @@
 """Triton kernels for FQ: the GPU path. Same format and results as fq/reference.py.
 
-- `_act_stats_kernel`, `_scales_kernel`, `_act_quant_kernel`: an activation in three launches.
-  One program per tile finds per-row absmax; one per tile row takes the fallback flags (spikes
-  over the row's median tile absmax) and the row scales over the plain tiles from that small
-  (M, Kt) array, with the tile row's list of fallback tiles for the GEMM; one program per tile
-  then writes INT8 digits and multipliers.
+- `_act_stats_kernel`, `_scales_kernel`, `_act_quant_kernel`, `_fallback_quant_kernel`: an
+  activation in four launches. One program per tile finds per-row absmax; one per tile row
+  takes the fallback flags (spikes over the row's median tile absmax) and the row scales over
+  the plain tiles from that small (M, Kt) array, with the tile row's list of fallback tiles for
+  the GEMM; one program per tile then writes the plain tiles' INT8 digits, and a few programs
+  per tile row the fallback tiles' digits and multipliers, from the lists.
   Counts go by atomics straight into the caller's running totals (no extra launch).
 - `_line_quant_kernel`: per-row or per-column INT8 (weights; dY for the weight gradient only when
   the input-gradient GEMM is not quantized, else `quantize_grad` writes it) in one launch: each
@@ -181,27 +182,46 @@ def _store_scales(am, scale_ptr, inv_ptr, rows, rmask):
 
 
 @triton.jit
-def _act_quant_kernel(x_ptr, s_xm, s_xk, M, K, KT, inv_ptr, flags_ptr, q_ptr, q2_ptr, qt_ptr, inv_t_ptr, inv_c_ptr,
+def _act_quant_kernel(x_ptr, s_xm, s_xk, M, K, KT, inv_ptr, flags_ptr, q_ptr, qt_ptr, inv_t_ptr, inv_c_ptr,
                       c1_ptr, c2_ptr, stats_ptr, seed_ptr, seed_t_ptr, TILE: tl.constexpr,
                       STOCHASTIC: tl.constexpr, TRANSPOSED: tl.constexpr, COLS: tl.constexpr):
-    """Row digits with fallback tiles; TRANSPOSED also writes (K, M) digits of x * inv_t[row]
-    (X for the weight gradient: its whole rows' inverse scales), and with COLS times inv_c[col]
-    (dY for the weight gradient: X's row scales times dY's inverse column scales). The two kinds
-    of tile are separate functions: with one body the plain tiles ran 5-13% slower on the H100,
-    holding registers for the fallback digits they never write."""
+    """Row digits of the plain tiles (fallback tiles are `_fallback_quant_kernel`'s); TRANSPOSED
+    also writes (K, M) digits of x * inv_t[row] (X for the weight gradient: its whole rows'
+    inverse scales), and with COLS times inv_c[col] (dY for the weight gradient: X's row scales
+    times dY's inverse column scales). The fallback tiles' code is kept out of this kernel: its
+    registers, reserved in every program, cost the plain tiles 1.2-1.5x of their time on the H100."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
+    if tl.load(flags_ptr + pid_m * KT + pid_k) == 0:
+        rows = pid_m * TILE + tl.arange(0, TILE)
+        cols = pid_k * TILE + tl.arange(0, TILE)
+        _quant_plain_tile(x_ptr, s_xm, s_xk, M, K, rows, cols, inv_ptr, q_ptr, qt_ptr, inv_t_ptr, inv_c_ptr,
+                          c1_ptr + pid_m * KT + pid_k, c2_ptr + pid_m * KT + pid_k, stats_ptr,
+                          _seed(seed_ptr, STOCHASTIC), _seed(seed_t_ptr, STOCHASTIC), STOCHASTIC, TRANSPOSED, COLS)
+
+
+@triton.jit
+def _fallback_quant_kernel(x_ptr, s_xm, s_xk, M, K, KT, inv_ptr, count_ptr, order_ptr, q_ptr, q2_ptr, qt_ptr,
+                           inv_t_ptr, inv_c_ptr, c1_ptr, c2_ptr, stats_ptr, seed_ptr, seed_t_ptr, TILE: tl.constexpr,
+                           SPLIT: tl.constexpr, STOCHASTIC: tl.constexpr, TRANSPOSED: tl.constexpr,
+                           COLS: tl.constexpr):
+    """`_act_quant_kernel`'s output for the fallback tiles: program (r, s) takes every SPLIT-th
+    entry of tile row r's fallback list (the scales kernel's), so a call launches a few programs
+    per tile row instead of one per tile."""
+    pid_m = tl.program_id(0)
     rows = pid_m * TILE + tl.arange(0, TILE)
-    cols = pid_k * TILE + tl.arange(0, TILE)
     seed, seed_t = _seed(seed_ptr, STOCHASTIC), _seed(seed_t_ptr, STOCHASTIC)
-    if tl.load(flags_ptr + pid_m * KT + pid_k) != 0:
+    for i in range(tl.program_id(1), tl.load(count_ptr + pid_m), SPLIT):
+        pid_k = tl.load(order_ptr + pid_m * KT + i)
+        cols = pid_k * TILE + tl.arange(0, TILE)
         _quant_fallback_tile(x_ptr, s_xm, s_xk, M, K, rows, cols, inv_ptr, q_ptr, q2_ptr, qt_ptr, inv_t_ptr,
                              inv_c_ptr, c1_ptr + pid_m * KT + pid_k, c2_ptr + pid_m * KT + pid_k, stats_ptr, seed,
                              seed_t, STOCHASTIC, TRANSPOSED, COLS)
-    else:
-        _quant_plain_tile(x_ptr, s_xm, s_xk, M, K, rows, cols, inv_ptr, q_ptr, qt_ptr, inv_t_ptr, inv_c_ptr,
-                          c1_ptr + pid_m * KT + pid_k, c2_ptr + pid_m * KT + pid_k, stats_ptr, seed, seed_t,
-                          STOCHASTIC, TRANSPOSED, COLS)
+
+
+# Programs per tile row of `_fallback_quant_kernel`: a trained model flags ~20% of tiles, ~25 per
+# tile row at K = 16384, shared by four programs.
+FALLBACK_SPLIT = 4
 
 
 @triton.jit
@@ -602,16 +622,16 @@ def _seed_arg(seed: Seed, device: torch.device) -> torch.Tensor:
 def quantize_act(x: torch.Tensor, tile: int, threshold: torch.Tensor | float, base_threshold: float,
                  fallback: bool, seed: Seed = None, transposed: bool = False,
                  stats: torch.Tensor | None = None) -> TileQuant:
-    """Three launches: row absmax per tile, flags and row scales (+ the GEMM's fallback lists),
-    digits."""
+    """Four launches: row absmax per tile, flags and row scales (+ the GEMM's fallback lists),
+    plain tiles' digits, fallback tiles' digits (none under fq.fallback=none)."""
     return _quantize_act(x, tile, threshold, base_threshold, fallback, seed, transposed, stats)[0]
 
 
 def quantize_grad(dy: torch.Tensor, tile: int, threshold: torch.Tensor | float, base_threshold: float,
                   fallback: bool, row_mult: torch.Tensor, seed: Seed = None, seed_t: Seed = None,
                   stats: torch.Tensor | None = None) -> tuple[TileQuant, torch.Tensor, torch.Tensor]:
-    """quantize_act(dy) and quantize_cols_t(dy, row_mult) in the same three launches: dY is read
-    twice instead of four times."""
+    """quantize_act(dy) and quantize_cols_t(dy, row_mult) in the same launches: dY is read twice
+    instead of four times."""
     if (seed is None) != (seed_t is None):
         raise ValueError("quantize_grad: stochastic rounding needs both seeds or neither")
     return _quantize_act(dy, tile, threshold, base_threshold, fallback, seed, True, stats, row_mult, seed_t)
@@ -670,10 +690,17 @@ def _quantize_act(x, tile, threshold, base_threshold, fallback, seed, transposed
     c1 = torch.empty(mt, kt, dtype=torch.float32, device=dev)
     c2 = torch.empty(mt, kt, dtype=torch.float32, device=dev)
     qt = torch.empty(k, m, dtype=torch.int8, device=dev) if transposed else unused()
+    seeds = _seed_arg(seed, dev), _seed_arg(seed_t if cols else seed, dev)
+    mult_t = row_mult if cols else inv_t
+    # 8 warps: swept on the H100 (2026-11-24) at M = 32768, K = 2048-16384, 1.03-1.09x of 4.
     _traceable(_act_quant_kernel)[(mt, kt)](
-        x, x.stride(0), x.stride(1), m, k, kt, inv, flags, q, q2, qt, row_mult if cols else inv_t, cols_t[1], c1,
-        c2, stats, _seed_arg(seed, dev), _seed_arg(seed_t if cols else seed, dev), TILE=tile,
-        STOCHASTIC=seed is not None, TRANSPOSED=transposed, COLS=cols, num_warps=4 if tile == 128 and k >= 8192 else warps)
+        x, x.stride(0), x.stride(1), m, k, kt, inv, flags, q, qt, mult_t, cols_t[1], c1, c2, stats, *seeds,
+        TILE=tile, STOCHASTIC=seed is not None, TRANSPOSED=transposed, COLS=cols, num_warps=warps)
+    if fallback:  # fq.fallback=none flags no tile
+        _traceable(_fallback_quant_kernel)[(mt, FALLBACK_SPLIT)](
+            x, x.stride(0), x.stride(1), m, k, kt, inv, count, order, q, q2, qt, mult_t, cols_t[1], c1, c2, stats,
+            *seeds, TILE=tile, SPLIT=FALLBACK_SPLIT, STOCHASTIC=seed is not None, TRANSPOSED=transposed, COLS=cols,
+            num_warps=warps)
     if not fallback:  # no fallback lists: gemm_a_fallback then skips the tail's launch
         count = order = None
     if cols:
