@@ -654,10 +654,9 @@ def _quantize_act(x, tile, threshold, base_threshold, fallback, seed, transposed
         stats = torch.zeros(NUM_STATS, dtype=torch.int64, device=dev)
     rowmax = torch.empty(m, kt, dtype=torch.float32, device=dev)
     colmax = torch.empty(mt, k, dtype=torch.float32, device=dev) if cols else unused()
-    # Swept on the H100 at 8192 x 2048 and 8192 x 8192, tile 128 (2026-11-23): the stats pass
-    # is fastest with 8 warps, 4 when it also takes column maxima (1.0-1.5 TB/s against
-    # 0.9-1.1); the digit pass with 8 when it writes transposed digits (1.2-1.6 TB/s), with 4
-    # from K = 8192 on (5-7% faster there at M = 8192, 10-20% slower below).
+    # Swept on the H100 at M = 8192 (2026-11-23) and 32768 (2026-11-24), tile 128: the stats
+    # pass is fastest with 8 warps, 4 when it also takes column maxima (1.6-1.8 TB/s at M = 32768
+    # against 1.2 with 8).
     warps = 8 if tile == 128 else 4
     _traceable(_act_stats_kernel)[(mt, kt)](x, x.stride(0), x.stride(1), m, k, kt, rowmax, stats,
                                             row_mult if cols else unused(), colmax, TILE=tile, COLS=cols,
@@ -692,7 +691,7 @@ def _quantize_act(x, tile, threshold, base_threshold, fallback, seed, transposed
     qt = torch.empty(k, m, dtype=torch.int8, device=dev) if transposed else unused()
     seeds = _seed_arg(seed, dev), _seed_arg(seed_t if cols else seed, dev)
     mult_t = row_mult if cols else inv_t
-    # 8 warps: swept on the H100 (2026-11-24) at M = 32768, K = 2048-16384, 1.03-1.09x of 4.
+    # 8 warps: on the H100 (2026-11-24) 1.01-1.04x of 4 at M = 8192 and 32768, K = 2048-16384.
     _traceable(_act_quant_kernel)[(mt, kt)](
         x, x.stride(0), x.stride(1), m, k, kt, inv, flags, q, qt, mult_t, cols_t[1], c1, c2, stats, *seeds,
         TILE=tile, STOCHASTIC=seed is not None, TRANSPOSED=transposed, COLS=cols, num_warps=warps)
