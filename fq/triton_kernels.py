@@ -695,12 +695,12 @@ def _quantize_act(x, tile, threshold, base_threshold, fallback, seed, transposed
     _traceable(_act_quant_kernel)[(mt, kt)](
         x, x.stride(0), x.stride(1), m, k, kt, inv, flags, q, qt, mult_t, cols_t[1], c1, c2, stats, *seeds,
         TILE=tile, STOCHASTIC=seed is not None, TRANSPOSED=transposed, COLS=cols, num_warps=warps)
-    if fallback:  # fq.fallback=none flags no tile
+    if fallback:
         _traceable(_fallback_quant_kernel)[(mt, FALLBACK_SPLIT)](
             x, x.stride(0), x.stride(1), m, k, kt, inv, count, order, q, q2, qt, mult_t, cols_t[1], c1, c2, stats,
             *seeds, TILE=tile, SPLIT=FALLBACK_SPLIT, STOCHASTIC=seed is not None, TRANSPOSED=transposed, COLS=cols,
             num_warps=warps)
-    if not fallback:  # no fallback lists: gemm_a_fallback then skips the tail's launch
+    else:  # no fallback lists: gemm_a_fallback then skips the tail's launch
         count = order = None
     if cols:
         return TileQuant(q, q2, scale, flags, c1, c2, stats, tile, count=count, order=order), qt, scale_t
