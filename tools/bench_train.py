@@ -7,6 +7,7 @@ medians of the logged steps after warm-up, read back from metrics.jsonl.
     python tools/bench_train.py --config configs/llama-1b.toml --steps 30 --rows bf16,fq,rowwise
     python tools/bench_train.py --nproc 2 --rows bf16,fq ...   # FSDP over 2 GPUs
     python tools/bench_train.py --profile 3 ...                # + where each row's time goes
+    python tools/bench_train.py --profile 3 --keep runs ...    # ... and keep the Chrome traces
     python tools/bench_train.py --memory 6 ...                 # + what is alive at step 6's peak
 
 Rows: bf16 (fq.enabled=false), fq (FQ-INT8 with fallback), rowwise (fq.fallback=none: per-row
@@ -24,6 +25,7 @@ stands in for slow links between nodes:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -130,10 +132,15 @@ def main() -> None:
     ap.add_argument("--memory", type=int, default=0,
                     help="record the allocator over this step and print what is alive at its peak")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--keep", default=None, metavar="DIR",
+                    help="keep each row's run directory (metrics.jsonl, profile traces) under DIR "
+                         "instead of a temporary directory")
     args, args.extra = ap.parse_known_args()  # the rest: --section.key=value overrides for every row
     for name in args.rows.split(","):
         row_overrides(name)  # unknown rows fail before any run
-    with tempfile.TemporaryDirectory() as workdir:
+    if args.keep:
+        os.makedirs(args.keep, exist_ok=True)
+    with contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory() as workdir:
         data = os.path.join(workdir, "random")
         random_dataset(data, args.vocab, tokens=4096 * 2048)
         results = []
