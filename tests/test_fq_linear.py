@@ -302,3 +302,34 @@ def test_compiled_stochastic_rounding_draws_new_seeds_like_eager():
     assert not torch.equal(grads[1][0], grads[1][1])  # new seeds, new rounding
     for call in range(2):  # the same seeds as eager: nearer its own call than the other call
         assert rel(grads[1][call], grads[0][call]) < rel(grads[1][call], grads[0][1 - call]), call
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_layer_reads_a_fused_producers_output_in_place():
+    """Under torch.compile the FQ kernels read an input that inductor fuses into its producer
+    (SwiGLU's output forward, an activation's gradient backward) from one buffer: the producer
+    stores each value once, not once per quantization kernel (fq/triton_kernels.py, `_in_place`)."""
+    import re
+
+    import torch.nn.functional as F
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+    torch._dynamo.reset()
+    lin = convert(nn.Sequential(nn.Linear(256, 128, bias=False)).cuda(), FQConfig(tile=32, include=("*",)))
+    a = torch.randn(4, 64, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    @torch.compile
+    def f(a):
+        gate, up = a.chunk(2, dim=-1)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return F.silu(lin(F.silu(gate) * up))
+
+    # Caches off: a cached graph compiled before the change would pass for it.
+    with inductor_config.patch(force_disable_caches=True):
+        _, code = run_and_get_code(lambda: f(a).float().sum().backward())
+    kernels = re.findall(r"def (triton_\w*silu\w*)\(.*?\n(.*?)\n'''", "\n".join(code), re.S)
+    assert len(kernels) >= 2, [k for k, _ in kernels]  # the forward's producer, the backward's
+    for name, body in kernels:
+        stored = re.findall(r"tl\.store\(\w+ \+ \(.*?\), (\w+)", body)
+        assert stored and len(stored) == len(set(stored)), (name, stored)
+    assert a.grad is not None and a.grad.isfinite().all()
