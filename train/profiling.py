@@ -7,7 +7,7 @@ writes `{run_dir}/profile/trace_rank{R}.json.gz` (open in Perfetto or chrome://t
 also writes `profile/summary.json` and logs a table: wall time per step, how much of it the GPU
 was busy (the union of kernel intervals), and GPU time and launches per kernel category. A GPU
 busy far below the wall time means the step is bound by the host (Python, launches), not by
-the kernels.
+the kernels; `tools/trace_gaps.py` charges the idle time to the host ops that caused it.
 
     fqtrain --logging.memory_snapshot_step=10
 
