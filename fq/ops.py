@@ -13,6 +13,9 @@ eager mode.
 """
 from __future__ import annotations
 
+import hashlib
+import pathlib
+
 import torch
 from torch.library import triton_op
 
@@ -21,14 +24,29 @@ from fq.linear import FORWARD, GRAD, account, linear_backward, linear_forward, n
 from fq.reference import NUM_STATS
 
 
+def source_hash(paths=None) -> str:
+    """sha256 of the fq package's source (or of `paths`), in file-name order."""
+    h = hashlib.sha256()
+    for path in sorted(paths or pathlib.Path(__file__).parent.glob("*.py")):
+        h.update(pathlib.Path(path).name.encode() + b"\0" + pathlib.Path(path).read_bytes())
+    return h.hexdigest()[:16]
+
+
+# Both ops take this as an argument, so it is part of every compiled graph that calls them.
+# inductor's caches key a graph on the op calls in it, not on what the op bodies run: without
+# it, a run after an fq change (an upgrade, an edit) got the graphs compiled from the old code
+# back from the cache, silently (docs/fq.md, "Under torch.compile").
+CODE = source_hash()
+
+
 @triton_op("fq::linear", mutates_args=())
 def _linear(x: torch.Tensor, weight: torch.Tensor, thr: torch.Tensor, thr_state: torch.Tensor, stats: torch.Tensor,
             seed_calls: torch.Tensor, seed_base: torch.Tensor, tile: int, threshold: float, fallback: bool,
             budget: float, grad_input: bool, grad_weight: bool, stochastic: bool,
-            out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            out_dtype: torch.dtype, code: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """y, X's INT8 for dW (qt, scale_t; empty unless grad_weight), counts. `thr`: the thresholds
     this call quantizes with; `thr_state` (the layer's), `stats`, the seed counter and base,
-    `budget`, `grad_input` and `stochastic` are only carried to the backward."""
+    `budget`, `grad_input` and `stochastic` are only carried to the backward; `code` is CODE."""
     counts = torch.zeros(NUM_STATS, dtype=torch.int64, device=x.device)
     with triton_kernels.traceable_launches():
         y, qt, scale_t = linear_forward(triton_kernels, x, weight, thr, counts, tile, threshold, fallback, grad_weight,
@@ -40,8 +58,9 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, thr: torch.Tensor, thr_state:
 def _linear_backward(dy: torch.Tensor, weight: torch.Tensor, qt: torch.Tensor, scale_t: torch.Tensor,
                      x: torch.Tensor | None, thr: torch.Tensor, seeds: torch.Tensor | None, tile: int,
                      threshold: float, fallback: bool, grad_input: bool, grad_weight: bool, need_dx: bool,
-                     need_dw: bool, x_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dX, dW (empty where not needed), counts. `seeds`: stochastic rounding's two (or None)."""
+                     need_dw: bool, x_dtype: torch.dtype, code: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dX, dW (empty where not needed), counts. `seeds`: stochastic rounding's two (or None);
+    `code` is CODE."""
     counts = torch.zeros(NUM_STATS, dtype=torch.int64, device=dy.device)
     with triton_kernels.traceable_launches():
         dx, dw = linear_backward(triton_kernels, dy, weight, qt, scale_t, x, thr, counts, tile, threshold, fallback,
@@ -52,7 +71,7 @@ def _linear_backward(dy: torch.Tensor, weight: torch.Tensor, qt: torch.Tensor, s
 
 def _setup_context(ctx, inputs, output):
     (x, weight, _, thr, stats, seed_calls, seed_base, tile, threshold, fallback, budget, grad_input, grad_weight,
-     stochastic, _) = inputs
+     stochastic, _, _) = inputs
     _, qt, scale_t, counts = output
     ctx.mark_non_differentiable(qt, scale_t, counts)
     ctx.save_for_backward(weight, qt, scale_t, None if grad_weight else x)
@@ -70,9 +89,10 @@ def _backward(ctx, dy, _qt, _scale_t, _counts):
     need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     seeds = None if ctx.seeds is None else next_seeds(*ctx.seeds)
     dx, dw, counts = torch.ops.fq.linear_backward(dy, weight, qt, scale_t, x, ctx.thr, seeds, tile, threshold,
-                                                  fallback, grad_input, grad_weight, need_dx, need_dw, ctx.x_dtype)
+                                                  fallback, grad_input, grad_weight, need_dx, need_dw, ctx.x_dtype,
+                                                  CODE)
     account(ctx.stats, ctx.thr, GRAD, counts, threshold, ctx.budget)
-    return (dx if need_dx else None, dw if need_dw else None) + (None,) * 13
+    return (dx if need_dx else None, dw if need_dw else None) + (None,) * 14
 
 
 _linear.register_autograd(_backward, setup_context=_setup_context)
@@ -87,6 +107,6 @@ def fq_linear(x: torch.Tensor, weight: torch.Tensor, layer, out_dtype: torch.dty
     thr = layer.fq_thr.clone() if budget else layer.fq_thr
     y, _, _, counts = torch.ops.fq.linear(x, weight, thr, layer.fq_thr, layer.fq_stats, layer.fq_seed_calls,
                                           layer.fq_seed_base, cfg.tile, cfg.threshold, cfg.fallback != "none", budget,
-                                          cfg.grad_input, cfg.grad_weight, cfg.stochastic_rounding, out_dtype)
+                                          cfg.grad_input, cfg.grad_weight, cfg.stochastic_rounding, out_dtype, CODE)
     account(layer.fq_stats, layer.fq_thr, FORWARD, counts, cfg.threshold, budget)
     return y

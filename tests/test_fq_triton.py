@@ -272,3 +272,18 @@ def test_compile_op_matches_eager_path():
         assert torch.equal(u, v)
     assert torch.equal(a.fq_stats, b.fq_stats) and torch.equal(a.fq_thr, b.fq_thr)
     assert int(a.fq_stats[:, R.STAT_FALLBACK].sum()) > 0 and float(a.fq_thr.max()) > cfg.threshold
+
+
+def test_ops_carry_a_hash_of_the_fq_source(tmp_path):
+    """Both ops take a hash of fq's source as an argument: inductor's caches key a compiled graph
+    on the op calls in it, not on what the op bodies run, so without it a run after an fq change
+    got graphs compiled from the old code back from the cache."""
+    from fq import ops
+    assert ops.CODE == ops.source_hash()
+    for op in (torch.ops.fq.linear, torch.ops.fq.linear_backward):
+        assert "str code" in str(op.default._schema)
+    src = tmp_path / "kernels.py"
+    src.write_text("SCALE = 1\n")
+    before = ops.source_hash([src])
+    src.write_text("SCALE = 2\n")
+    assert ops.source_hash([src]) != before
