@@ -17,3 +17,15 @@ def test_unknown_rows_and_suffixes_are_named():
         row_overrides("fq8")
     with pytest.raises(SystemExit, match="unknown.*'compiled'"):
         row_overrides("fq+compiled")
+
+
+def test_keep_refuses_a_directory_that_already_holds_a_row(tmp_path, monkeypatch):
+    """Runs append to metrics.jsonl, so a kept row directory from an earlier call would mix its
+    steps into the new medians: refused before any run."""
+    import sys
+
+    from tools import bench_train
+    (tmp_path / "fq_compile").mkdir()
+    monkeypatch.setattr(sys, "argv", ["bench_train.py", "--rows", "bf16,fq+compile", "--keep", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"already holds \['fq_compile'\]"):
+        bench_train.main()

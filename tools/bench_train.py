@@ -138,7 +138,11 @@ def main() -> None:
     args, args.extra = ap.parse_known_args()  # the rest: --section.key=value overrides for every row
     for name in args.rows.split(","):
         row_overrides(name)  # unknown rows fail before any run
-    if args.keep:
+    if args.keep:  # a row's metrics.jsonl is appended to, so an earlier run would mix into the medians
+        taken = [d for d in (name.replace("+", "_") for name in args.rows.split(","))
+                 if os.path.exists(os.path.join(args.keep, d))]
+        if taken:
+            sys.exit(f"--keep {args.keep}: already holds {taken} from an earlier call; give a new directory")
         os.makedirs(args.keep, exist_ok=True)
     with contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory() as workdir:
         data = os.path.join(workdir, "random")
