@@ -131,6 +131,8 @@ def test_nonfinite_loss_skips_the_update(default_cache, tmp_path):
                 assert math.isfinite(out["loss"])
         assert trainer.skipped_steps == 1 and trainer.step == 4
         assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+        # Skipped on the device: AdamW counted only the three finite steps.
+        assert {float(s["step"]) for s in trainer.optimizer.state.values()} == {3.0}
     finally:
         dist.destroy_process_group()
 

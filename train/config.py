@@ -69,7 +69,8 @@ class TrainConfig:
     peer_linear: str = "none"
     val_interval: int = 100
     val_batches: int = 8
-    # Abort after this many consecutive steps with a non-finite loss or gradient.
+    # A step with a non-finite loss or gradient norm skips its update (on the device, fused
+    # AdamW's found_inf) and logs a warning; this many in a row abort the run.
     max_bad_steps: int = 5
     # Deterministic algorithms (bitwise-reproducible runs, slower on GPU).
     deterministic: bool = False

@@ -284,18 +284,21 @@ class Trainer:
             loss.backward()
             loss_sum += loss.detach()
         dist.all_reduce(loss_sum)
-        loss = (loss_sum / self.world_size).item()
+        loss = loss_sum / self.world_size
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        grad_norm = grad_norm.item()
         lr = self.optimizer.param_groups[0]["lr"]
-        # Every rank sees the same global loss and norm, so all skip together.
-        if self._check_finite(loss, grad_norm, "update skipped"):
-            self.optimizer.step()
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
+        # A step whose loss or gradient norm is not finite skips the update on the device (fused
+        # AdamW's found_inf, as under a gradient scaler), so the host reads the two numbers once,
+        # after launching the update: reading each before going on left the GPU idle while the
+        # host launched the clipping and then the optimizer (docs/benchmarks.md, session 17).
+        # Every rank has the same global loss and norm, so all skip together.
+        self.optimizer.found_inf = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()
+        self.optimizer.step()
+        loss, grad_norm = torch.stack([loss.float(), grad_norm.float()]).tolist()
+        if not self._check_finite(loss, grad_norm, "update skipped"):
             self.skipped_steps += 1
         with warnings.catch_warnings():
             # A skipped update still advances the schedule, which torch warns about.
