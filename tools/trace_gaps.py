@@ -16,6 +16,8 @@ import collections
 import gzip
 import json
 
+from train.profiling import union_us
+
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 LAUNCH_CATS = ("cuda_runtime", "cuda_driver")
 HOST_CATS = ("cpu_op", "user_annotation", "python_function")
@@ -38,14 +40,12 @@ def gaps(events: list[dict], min_us: float = 20.0) -> dict:
         if e.get("cat") in HOST_CATS:
             host[e["tid"]].append(e)
     main_tid = max(host, key=lambda t: len(host[t])) if host else None
-    found, busy, end = [], 0.0, gpu[0]["ts"]
+    found, end = [], gpu[0]["ts"]
     for k in gpu:
-        start, stop = k["ts"], k["ts"] + k["dur"]
-        if start - end > min_us:
-            found.append((end, start, k))
-        if stop > end:
-            busy += stop - max(start, end)
-            end = stop
+        if k["ts"] - end > min_us:
+            found.append((end, k["ts"], k))
+        end = max(end, k["ts"] + k["dur"])
+    busy = union_us([(k["ts"], k["ts"] + k["dur"]) for k in gpu])
     rows = []
     for a, b, k in found:
         lt = launch.get(k.get("args", {}).get("correlation"))
