@@ -11,3 +11,21 @@ def test_efficiency_is_per_gpu_over_one_process():
     assert lines[3] == "| fq | 4 | 3,600 | 900 | 90.0% |"
     assert lines[4] == "| fq+bf16comm | 4 | 2,000 | 500 | - |"  # no one-process run of that row
     assert lines[5] == "| fq | 8 | exit 1 | | |"
+
+
+def test_one_process_point_runs_end_to_end(tmp_path, monkeypatch):
+    # Runs the real trainer (debug config, CPU): catches an argument bench_train's run_row
+    # reads that this tool does not set.
+    import json
+    import sys
+
+    from tools import bench_scaling
+
+    out = tmp_path / "scaling.json"
+    monkeypatch.setattr(sys, "argv", [
+        "bench_scaling.py", "--config", "configs/debug.toml", "--nprocs", "1", "--rows", "fq",
+        "--steps", "3", "--warmup", "1", "--per-gpu-batch", "2", "--vocab", "512",
+        "--train.micro_batch_size=2", "--out", str(out)])
+    bench_scaling.main()
+    (r,) = json.loads(out.read_text())
+    assert r["nproc"] == 1 and "error" not in r and r["tokens_per_sec"] > 0

@@ -83,7 +83,7 @@ def main() -> None:
         random_dataset(data, args.vocab, tokens=4096 * 2048)
         for n in (int(x) for x in args.nprocs.split(",")):
             run_args = copy.copy(args)
-            run_args.nproc, run_args.profile = n, 0
+            run_args.nproc, run_args.profile, run_args.memory = n, 0, 0
             run_args.extra = [*extra, f"--train.global_batch_size={args.per_gpu_batch * n}"]
             for name in args.rows.split(","):
                 r = run_row(name, run_args, data, os.path.join(workdir, f"n{n}"))
