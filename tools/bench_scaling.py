@@ -90,10 +90,10 @@ def main() -> None:
                 r["nproc"] = n
                 results.append(r)
                 print(json.dumps({k: r.get(k) for k in ("row", "nproc", "tokens_per_sec", "error")}), flush=True)
+                if args.out:  # after every point: a run cut short by a time limit keeps what it measured
+                    with open(args.out, "w") as f:
+                        json.dump(results, f, indent=1)
     print("\n" + efficiency_table(results))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":
