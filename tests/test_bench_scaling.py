@@ -29,3 +29,16 @@ def test_one_process_point_runs_end_to_end(tmp_path, monkeypatch):
     bench_scaling.main()
     (r,) = json.loads(out.read_text())
     assert r["nproc"] == 1 and "error" not in r and r["tokens_per_sec"] > 0
+
+
+def test_plot_draws_rows_from_several_results_files(tmp_path):
+    import json
+
+    from tools.bench_scaling import plot
+
+    pts = lambda sockets: [{"row": "fq", "nproc": n, "tokens_per_sec": 100.0 * n, "sockets": sockets}  # noqa: E731
+                           for n in (1, 2)]
+    (tmp_path / "a.json").write_text(json.dumps(pts(False)))
+    (tmp_path / "b.json").write_text(json.dumps(pts(True) + [{"row": "fq", "nproc": 4, "error": "exit 1"}]))
+    plot(f"{tmp_path / 'a.json'},{tmp_path / 'b.json'}", str(tmp_path / "img"))
+    assert (tmp_path / "img" / "scaling.png").stat().st_size > 0

@@ -2,7 +2,7 @@
 
     python tools/bench_scaling.py --config configs/llama-1b.toml --nprocs 1,2,4,8 \\
         --rows fq+bf16comm+compile,fq+compile --per-gpu-batch 8 --train.micro_batch_size=4 --out scaling.json
-    NCCL over sockets: add --sockets.   Plot from the JSON: --plot scaling.json --plot-dir docs/img
+    NCCL over sockets: add --sockets.   Plot: --plot scaling.json,scaling_sockets.json --plot-dir docs/img
 
 Each (row, N) is one tools/bench_train.py row run with --nproc N and train.global_batch_size =
 per-GPU batch x N; efficiency is tokens/s per GPU at N over the same row's at 1 process.
@@ -37,19 +37,26 @@ def efficiency_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(path: str, out_dir: str) -> None:
+def plot(paths: str, out_dir: str) -> None:
+    """One line per row and transport, from one or more results JSONs (comma-separated)."""
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(path) as f:
-        results = [r for r in json.load(f) if "error" not in r]
+    results = []
+    for path in paths.split(","):
+        with open(path) as f:
+            results += [r for r in json.load(f) if "error" not in r]
+    label = lambda r: r["row"] + (" (sockets)" if r.get("sockets") else "")  # noqa: E731
     fig, ax = plt.subplots(figsize=(6, 4))
-    for row in dict.fromkeys(r["row"] for r in results):
-        pts = sorted((r["nproc"], r["tokens_per_sec"] / r["nproc"]) for r in results if r["row"] == row)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=row)
+    for name in dict.fromkeys(label(r) for r in results):
+        pts = sorted((r["nproc"], r["tokens_per_sec"] / r["nproc"]) for r in results if label(r) == name)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
     ax.set(xlabel="GPUs", ylabel="tokens/s per GPU", title="Weak scaling", xscale="log", xticks=[1, 2, 4, 8])
     ax.set_xticklabels(["1", "2", "4", "8"])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -69,7 +76,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--sockets", action="store_true", help="NCCL over its socket transport")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--plot", default=None, help="only draw the PNG from this results JSON")
+    ap.add_argument("--plot", default=None, help="only draw the PNG from these results JSONs (comma-separated)")
     ap.add_argument("--plot-dir", default=os.path.join(ROOT, "docs", "img"))
     args, extra = ap.parse_known_args()
     if args.plot:
@@ -87,7 +94,7 @@ def main() -> None:
             run_args.extra = [*extra, f"--train.global_batch_size={args.per_gpu_batch * n}"]
             for name in args.rows.split(","):
                 r = run_row(name, run_args, data, os.path.join(workdir, f"n{n}"))
-                r["nproc"] = n
+                r["nproc"], r["sockets"] = n, args.sockets
                 results.append(r)
                 print(json.dumps({k: r.get(k) for k in ("row", "nproc", "tokens_per_sec", "error")}), flush=True)
                 if args.out:  # after every point: a run cut short by a time limit keeps what it measured
