@@ -4,7 +4,7 @@ Public API: FQConfig, FQLinear, convert(model, config), collect_stats(model, res
 swiglu(gate, up, int8) (fq.swiglu_int8).
 """
 from fq.config import FQConfig
-from fq.linear import FQLinear, collect_stats, convert
+from fq.linear import FQLinear, collect_stats, convert, stats_counts, stats_from_counts
 from fq.swiglu import swiglu
 
-__all__ = ["FQConfig", "FQLinear", "convert", "collect_stats", "swiglu"]
+__all__ = ["FQConfig", "FQLinear", "convert", "collect_stats", "stats_counts", "stats_from_counts", "swiglu"]

@@ -334,13 +334,28 @@ def load_layer_state(model: nn.Module, state: dict[str, dict]) -> list[str]:
     return missing
 
 
-def collect_stats(model: nn.Module, reset: bool = True) -> dict[str, float]:
-    """Telemetry since the last reset: one device read for the whole model."""
+def stats_counts(model: nn.Module, reset: bool = True) -> torch.Tensor | None:
+    """Every FQ layer's counters since the last reset, stacked on the device as (layers, 2,
+    NUM_STATS) int64 (None without FQ layers), with no host read: a training loop can sum
+    them over ranks and read them later (`stats_from_counts`)."""
+    layers = [m for m in model.modules() if isinstance(m, FQLinear)]
+    if not layers:
+        return None
+    counts = torch.stack([m.fq_stats.to(layers[0].fq_stats.device) for m in layers])
+    if reset:
+        torch._foreach_zero_([m.fq_stats for m in layers])
+    return counts
+
+
+def stats_from_counts(model: nn.Module, counts) -> dict[str, float]:
+    """The telemetry dict from `stats_counts`' numbers (a tensor or nested lists; None: no
+    FQ layers)."""
     layers = [m for m in model.modules() if isinstance(m, FQLinear)]
     out: dict[str, float] = {}
-    if not layers:
+    if counts is None or not layers:
         return {"fallback_ratio": 0.0, "fq/fallback_ratio": 0.0, "fq/saturated": 0.0, "fq/nonfinite": 0.0}
-    counts = torch.stack([m.fq_stats.to(layers[0].fq_stats.device) for m in layers]).tolist()
+    if isinstance(counts, torch.Tensor):
+        counts = counts.tolist()
     total_tiles = total_fb = total_sat = total_nf = total_crushed = 0
     for m, c in zip(layers, counts):
         fwd, grad = c[FORWARD], c[GRAD]
@@ -354,9 +369,12 @@ def collect_stats(model: nn.Module, reset: bool = True) -> dict[str, float]:
         total_sat += fwd[STAT_SATURATED] + grad[STAT_SATURATED]
         total_nf += fwd[STAT_NONFINITE] + grad[STAT_NONFINITE]
         total_crushed += fwd[STAT_CRUSHED] + grad[STAT_CRUSHED]
-        if reset:
-            m.fq_stats.zero_()
     ratio = total_fb / max(total_tiles, 1)
     out.update({"fallback_ratio": ratio, "fq/fallback_ratio": ratio, "fq/saturated": float(total_sat),
                 "fq/nonfinite": float(total_nf), "fq/crushed_tiles": float(total_crushed)})
     return out
+
+
+def collect_stats(model: nn.Module, reset: bool = True) -> dict[str, float]:
+    """Telemetry since the last reset: one device read for the whole model."""
+    return stats_from_counts(model, stats_counts(model, reset))

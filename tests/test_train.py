@@ -146,6 +146,35 @@ def test_consecutive_nonfinite_steps_abort(default_cache, tmp_path):
         trainer.loss_fn = _Poisoned(trainer.loss_fn, bad_calls=range(1, 1000))
         with pytest.raises(TrainingAborted, match="3 consecutive steps"):
             trainer.train()
-        assert trainer.step == 2  # the third bad step raised before counting itself
+        # The loop reads step N's numbers after launching step N+1: step 3's abort comes with
+        # step 4 launched (its update skipped on the device too), before step 3 is counted.
+        assert trainer.step == 4 and trainer.skipped_steps == 2
     finally:
         dist.destroy_process_group()
+
+
+def test_loop_reads_each_steps_numbers_after_launching_the_next(default_cache, tmp_path):
+    """The host never waits for step N before step N+1 is launched, except where its state must
+    be exact: before an evaluation (step 3 here), a save (step 4) and at the end (step 6). Every
+    step is still logged, in order, with FQ telemetry and the right token counts."""
+    import torch.distributed as dist
+
+    trainer = _trainer(default_cache, tmp_path, ["--train.steps=6", "--train.val_interval=3", "--train.val_batches=1",
+                                                 "--checkpoint.interval=4", "--fq.enabled=true",
+                                                 f"--checkpoint.dir={tmp_path / 'ck'}"])
+    events = []
+    launch, complete, evaluate, save = trainer._launch_step, trainer._complete, trainer.evaluate, trainer.save
+    trainer._launch_step = lambda: events.append(f"launch {trainer.step + 1}") or launch()
+    trainer._complete = lambda rec, *a: events.append(f"read {rec.step}") or complete(rec, *a)
+    trainer.evaluate = lambda: events.append("eval") or evaluate()
+    trainer.save = lambda: events.append("save") or save()
+    try:
+        trainer.train()
+    finally:
+        dist.destroy_process_group()
+    assert events == ["launch 1", "launch 2", "read 1", "launch 3", "read 2", "read 3", "eval",
+                      "launch 4", "read 4", "save", "launch 5", "launch 6", "read 5", "read 6", "eval", "save"]
+    rows, vals = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and [v["step"] for v in vals] == [3, 6]
+    assert [r["tokens_seen"] for r in rows] == [8 * 32 * s for s in range(1, 7)]
+    assert all(math.isfinite(r["loss"]) and 0.0 <= r["fallback_ratio"] <= 1.0 for r in rows)

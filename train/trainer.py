@@ -39,6 +39,46 @@ class TrainingAborted(RuntimeError):
     """Training cannot go on (e.g. too many consecutive non-finite steps)."""
 
 
+class StepNumbers:
+    """A launched step's numbers on their way to the host: device tensors by name, copied in one
+    piece to pinned memory without waiting (`send`); `read` waits for that copy only."""
+
+    def __init__(self, step: int, lr: float, values: dict[str, torch.Tensor | None]):
+        self.step, self.lr = step, lr
+        self.values = values
+        self.host: dict = {}  # numbers already on the host (tokens seen, outlier metrics)
+        self.log = False
+        self._packed = self._event = None
+
+    def send(self) -> None:
+        parts = {k: v.detach().reshape(-1).to(torch.float64) for k, v in self.values.items() if v is not None}
+        self._shapes = {k: v.shape for k, v in self.values.items() if v is not None}
+        packed = torch.cat(list(parts.values()))
+        if packed.is_cuda:
+            self._packed = packed.to("cpu", non_blocking=True)  # into pinned memory
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._packed = packed
+
+    def read(self) -> dict[str, list | None]:
+        """Each value as a (nested) list of floats; None where the value was None."""
+        if self._packed is None:
+            self.send()
+        if self._event is not None:
+            self._event.synchronize()
+        out, i = {}, 0
+        for k, v in self.values.items():
+            if v is None:
+                out[k] = None
+                continue
+            n = math.prod(self._shapes[k])
+            out[k] = self._packed[i:i + n].reshape(self._shapes[k]).tolist() if self._shapes[k] else \
+                [self._packed[i].item()]
+            i += n
+        return out
+
+
 def init_distributed(device_pref: str) -> tuple[int, int, torch.device]:
     """Join torchrun's process group, or make a world of one for a plain `python -m train`."""
     use_cuda = torch.cuda.is_available() if device_pref == "auto" else device_pref == "cuda"
@@ -269,10 +309,19 @@ class Trainer:
             yield self.train_stream.batch(start, t.micro_batch_size)
 
     def loss_fn(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":  # a copy from pageable memory would wait for the GPU
+            tokens = tokens.pin_memory()
         tokens = tokens.to(self.device, non_blocking=True)
         return self.model(tokens[:, :-1], tokens[:, 1:])
 
     def train_step(self) -> dict:
+        """One step with its numbers read at once: {"loss", "lr", "grad_norm"}. `train()` reads
+        each step's numbers only after launching the next (`_launch_step`, `_complete`)."""
+        rec = self._launch_step()
+        return self._account(rec, rec.read())
+
+    def _launch_step(self) -> "StepNumbers":
+        """Launch one step and send its loss and gradient norm towards the host, without waiting."""
         if self.cfg.parallel.engine == "deepspeed":
             return self._deepspeed_step()
         t = self.cfg.train
@@ -291,29 +340,33 @@ class Trainer:
             grad_norm = grad_norm.full_tensor()
         lr = self.optimizer.param_groups[0]["lr"]
         # A step whose loss or gradient norm is not finite skips the update on the device (fused
-        # AdamW's found_inf, as under a gradient scaler), so the host reads the two numbers once,
-        # after launching the update: reading each before going on left the GPU idle while the
-        # host launched the clipping and then the optimizer (docs/benchmarks.md, session 17).
+        # AdamW's found_inf, as under a gradient scaler), so nothing here waits for the GPU.
         # Every rank has the same global loss and norm, so all skip together.
         self.optimizer.found_inf = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()
         self.optimizer.step()
-        loss, grad_norm = torch.stack([loss.float(), grad_norm.float()]).tolist()
-        if not self._check_finite(loss, grad_norm, "update skipped"):
-            self.skipped_steps += 1
         with warnings.catch_warnings():
             # A skipped update still advances the schedule, which torch warns about.
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
             self.scheduler.step()
         self._advance()
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm}
+        return StepNumbers(self.step, lr, {"loss": loss, "grad_norm": grad_norm})
 
-    def _check_finite(self, loss: float, grad_norm: float, consequence: str) -> bool:
+    def _account(self, rec: "StepNumbers", values: dict) -> dict:
+        """Count a step whose numbers have arrived: a non-finite one was skipped (or, under
+        DeepSpeed, applied) and counts toward train.max_bad_steps."""
+        loss, grad_norm = float(values["loss"][0]), float(values["grad_norm"][0])
+        consequence = "DeepSpeed applied the update" if self.cfg.parallel.engine == "deepspeed" else "update skipped"
+        if not self._check_finite(loss, grad_norm, consequence, rec.step) and consequence == "update skipped":
+            self.skipped_steps += 1
+        return {"loss": loss, "lr": rec.lr, "grad_norm": grad_norm}
+
+    def _check_finite(self, loss: float, grad_norm: float, consequence: str, step: int) -> bool:
         """True for a usable step; a bad one is counted, and train.max_bad_steps in a row abort."""
         if math.isfinite(loss) and math.isfinite(grad_norm):
             self.bad_streak = 0
             return True
         self.bad_streak += 1
-        log.warning(f"step {self.step + 1}: non-finite loss ({loss}) or grad norm ({grad_norm}); "
+        log.warning(f"step {step}: non-finite loss ({loss}) or grad norm ({grad_norm}); "
                     f"{consequence} ({self.bad_streak} in a row)")
         limit = self.cfg.train.max_bad_steps
         if self.bad_streak >= limit:
@@ -329,11 +382,12 @@ class Trainer:
         self.consumed_samples += t.global_batch_size
         self.tokens_seen += t.global_batch_size * self.cfg.data.seq_len
 
-    def _deepspeed_step(self) -> dict:
+    def _deepspeed_step(self) -> "StepNumbers":
         """DeepSpeed divides each micro-batch's loss by the accumulation steps, and at the last
         one clips, steps the optimizer and the LR schedule. The logged loss is the same global
-        mean as in `train_step`. A non-finite step is not skipped (DeepSpeed applies bf16/fp32
-        updates whatever the norm) but counts toward train.max_bad_steps (docs/deepspeed.md)."""
+        mean as in `_launch_step`. A non-finite step is not skipped (DeepSpeed applies bf16/fp32
+        updates whatever the norm) but counts toward train.max_bad_steps (docs/deepspeed.md).
+        Its gradient norm is a host number, so this step waits for the GPU."""
         lr = self.optimizer.param_groups[0]["lr"]
         loss_sum = torch.zeros((), device=self.device)
         micro = 0
@@ -344,11 +398,10 @@ class Trainer:
             loss_sum += loss.detach()
             micro += 1
         dist.all_reduce(loss_sum)
-        loss = (loss_sum / (micro * self.world_size)).item()
-        grad_norm = float(self.model.get_global_grad_norm())
-        self._check_finite(loss, grad_norm, "DeepSpeed applied the update")
+        loss = loss_sum / (micro * self.world_size)
+        grad_norm = torch.full((), float(self.model.get_global_grad_norm()), dtype=torch.float64, device=self.device)
         self._advance()
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm}
+        return StepNumbers(self.step, lr, {"loss": loss, "grad_norm": grad_norm})
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -365,17 +418,12 @@ class Trainer:
         fq.collect_stats(self.model, reset=True)  # keep eval out of the training telemetry
         return (total / (self.cfg.train.val_batches * self.world_size)).item()
 
-    def _fq_stats(self) -> dict:
-        if not self.cfg.fq.enabled:
-            return {}  # fallback_ratio is then logged as null: not applicable, not zero
-        stats = fq.collect_stats(self.model, reset=True)
-        keys = sorted(stats)
-        values = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=self.device)
-        dist.all_reduce(values)
-        out = {}
-        for k, v in zip(keys, values.tolist()):
-            out[k] = v / self.world_size if "ratio" in k else v
-        return out
+    def _fq_counts(self) -> torch.Tensor | None:
+        """The FQ layers' counters since the last read, summed over ranks, left on the device."""
+        counts = fq.stats_counts(self.model, reset=True) if self.cfg.fq.enabled else None
+        if counts is not None:
+            dist.all_reduce(counts)
+        return counts
 
     def _outlier_step(self, step: int) -> bool:
         """Outlier counts are taken on these steps (all of them logged: see config.validate)."""
@@ -391,15 +439,18 @@ class Trainer:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, request_stop)
 
-    def _agree_to_stop(self) -> bool:
-        """All ranks stop at the same step if any one of them was signalled. The same all-reduce
-        tells whether every rank has finished writing an asynchronous save, to finalise it."""
-        busy = self.checkpointer.busy()
-        flag = torch.tensor([1.0 if self.stop_requested else 0.0, 1.0 if busy else 0.0], device=self.device)
+    def _stop_flags(self) -> torch.Tensor:
+        """[stop requested on some rank, a rank still writing an asynchronous save], reduced over
+        ranks on the device; read with the step's other numbers, so that all ranks stop (and
+        finalise a save) at the same step. Filled on the device: a tensor built from host values
+        would be a copy that waits for the GPU."""
+        flag = torch.zeros(2, device=self.device)
+        if self.stop_requested:
+            flag[0] = 1.0
+        if self.checkpointer.busy():
+            flag[1] = 1.0
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        stop, busy_anywhere = flag.tolist()
-        self.checkpointer.poll(all_done=not busy_anywhere)
-        return bool(stop)
+        return flag
 
     def train(self) -> dict:
         cfg = self.cfg
@@ -411,55 +462,89 @@ class Trainer:
                                 self.rank, self.device)
         memory = MemorySnapshot(cfg.logging.memory_snapshot_step, self.run_dir, self.rank, self.device)
         t0 = time.perf_counter()
-        t_last, step_last = t0, self.step
         last_val = None
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        while self.step < cfg.train.steps:
+        # Step N's numbers (loss, norm, telemetry, the stop flag) are read after step N+1 is
+        # launched: reading them at once would leave the GPU idle from the end of each step until
+        # the host has launched the next one's first kernels (docs/benchmarks.md, session 18).
+        # Where the host's state must be exact (evaluation, a save, the end), `settle` reads them first.
+        pending: StepNumbers | None = None
+        timing = {"t": t0, "step": self.step}
+        stop = False
+
+        def settle() -> bool:
+            nonlocal pending
+            stopped = self._complete(pending, start_step, t0, timing) if pending is not None else False
+            pending = None
+            return stopped
+
+        while self.step < cfg.train.steps and not stop:
             if self.outliers is not None:
                 self.outliers.active = self._outlier_step(self.step + 1)
             profiler.before(self.step + 1)
             memory.before(self.step + 1)
-            out = self.train_step()
+            rec = self._launch_step()
             memory.after(self.step)
             profiler.after(self.step)
+            done = self.step == cfg.train.steps
+            rec.log = self.step % cfg.logging.interval == 0 or self.step == start_step + 1 or done
+            if rec.log:
+                rec.values["fq"] = self._fq_counts()
+                rec.host["tokens_seen"] = self.tokens_seen
+                if self.outliers is not None and self._outlier_step(self.step):
+                    rec.host.update(self.outliers.collect())  # reads the device: only on these steps
             if self.outliers is not None:
                 self.outliers.active = False
-            done = self.step == cfg.train.steps
-            if self.step % cfg.logging.interval == 0 or self.step == start_step + 1 or done:
-                now = time.perf_counter()
-                tokens = (self.step - step_last) * cfg.train.global_batch_size * cfg.data.seq_len
-                tps = tokens / max(now - t_last, 1e-9)
-                out.update(self._fq_stats())
-                if self.outliers is not None and self._outlier_step(self.step):
-                    out.update(self.outliers.collect())
-                out.setdefault("fallback_ratio", None)
-                out["tokens_per_sec"] = tps
-                out["tokens_seen"] = self.tokens_seen
-                out["skipped_steps"] = self.skipped_steps
-                if self.device.type == "cuda":
-                    out["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-                    out["tflops"] = tps * self.flops_per_token / self.world_size / 1e12
-                    out["mfu"] = out["tflops"] * 1e12 / self.peak_flops if self.peak_flops else None
-                self.metrics.log(self.step, out, now - t0, self.step - start_step)
-                t_last, step_last = time.perf_counter(), self.step
-            else:
-                self.metrics.show_progress(self.step)
-            if cfg.train.val_interval and (self.step % cfg.train.val_interval == 0 or done):
+            rec.values["stop"] = self._stop_flags()
+            rec.send()
+            stop = settle()
+            pending = rec
+            val_due = bool(cfg.train.val_interval) and (self.step % cfg.train.val_interval == 0 or done)
+            if stop or val_due or done or self.checkpointer.due(self.step, done):
+                stop = settle() or stop
+            if val_due:
                 last_val = self.evaluate()
                 if last_val is not None:
                     self.metrics.log_eval(self.step, last_val)
-            if self._agree_to_stop():
+            if stop:
                 why = f"received {self.stop_requested}" if self.stop_requested else "stop requested by another rank"
                 log.warning(f"{why}: saving a checkpoint at step {self.step} and exiting")
                 self.save()
                 log.info(f"stopped at step {self.step} on request; resume with checkpoint.resume=auto")
-                break
-            if self.checkpointer.due(self.step, done):
+            elif self.checkpointer.due(self.step, done):
                 self.save()
+        settle()
         self.checkpointer.wait()
         self.metrics.close()
         return {"step": self.step, "val_loss": last_val}
+
+    def _complete(self, rec: "StepNumbers", start_step: int, t0: float, timing: dict) -> bool:
+        """Step `rec.step`'s numbers have arrived (or are waited for): count it, log it if it is a
+        logged step, finalise a finished asynchronous save. True: some rank asked to stop."""
+        values = rec.read()
+        out = self._account(rec, values)
+        if rec.log:
+            now = time.perf_counter()
+            tokens = (rec.step - timing["step"]) * self.cfg.train.global_batch_size * self.cfg.data.seq_len
+            tps = tokens / max(now - timing["t"], 1e-9)
+            if self.cfg.fq.enabled:
+                out.update(fq.stats_from_counts(self.model, values.get("fq")))
+            out.update(rec.host)
+            out.setdefault("fallback_ratio", None)
+            out["tokens_per_sec"] = tps
+            out["skipped_steps"] = self.skipped_steps
+            if self.device.type == "cuda":
+                out["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                out["tflops"] = tps * self.flops_per_token / self.world_size / 1e12
+                out["mfu"] = out["tflops"] * 1e12 / self.peak_flops if self.peak_flops else None
+            self.metrics.log(rec.step, out, now - t0, rec.step - start_step)
+            timing["t"], timing["step"] = time.perf_counter(), rec.step
+        else:
+            self.metrics.show_progress(rec.step)
+        stop, busy_anywhere = values["stop"]
+        self.checkpointer.poll(all_done=not busy_anywhere)
+        return bool(stop)
 
     def save(self) -> None:
         self.checkpointer.save(self.step, self.model, self.optimizer, self.scheduler, {
