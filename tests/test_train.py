@@ -153,18 +153,31 @@ def test_consecutive_nonfinite_steps_abort(default_cache, tmp_path):
         dist.destroy_process_group()
 
 
-def test_loop_reads_each_steps_numbers_after_launching_the_next(default_cache, tmp_path):
+def test_loop_reads_each_steps_numbers_after_launching_the_next(default_cache, tmp_path, monkeypatch):
     """The host never waits for step N before step N+1 is launched, except where its state must
     be exact: before an evaluation (step 3 here), a save (step 4) and at the end (step 6). Every
-    step is still logged, in order, with FQ telemetry and the right token counts."""
+    step is still logged, in order, with FQ telemetry, the right token counts, and its own time
+    (a clock that advances 1 s per step: steps read right after the one before get no less)."""
+    import types
+
     import torch.distributed as dist
+
+    import train.trainer as trainer_module
 
     trainer = _trainer(default_cache, tmp_path, ["--train.steps=6", "--train.val_interval=3", "--train.val_batches=1",
                                                  "--checkpoint.interval=4", "--fq.enabled=true",
                                                  f"--checkpoint.dir={tmp_path / 'ck'}"])
     events = []
     launch, complete, evaluate, save = trainer._launch_step, trainer._complete, trainer.evaluate, trainer.save
-    trainer._launch_step = lambda: events.append(f"launch {trainer.step + 1}") or launch()
+    clock = [1000.0]
+    monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def timed_launch():
+        events.append(f"launch {trainer.step + 1}")
+        clock[0] += 1.0
+        return launch()
+
+    trainer._launch_step = timed_launch
     trainer._complete = lambda rec, *a: events.append(f"read {rec.step}") or complete(rec, *a)
     trainer.evaluate = lambda: events.append("eval") or evaluate()
     trainer.save = lambda: events.append("save") or save()
@@ -178,3 +191,4 @@ def test_loop_reads_each_steps_numbers_after_launching_the_next(default_cache, t
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and [v["step"] for v in vals] == [3, 6]
     assert [r["tokens_seen"] for r in rows] == [8 * 32 * s for s in range(1, 7)]
     assert all(math.isfinite(r["loss"]) and 0.0 <= r["fallback_ratio"] <= 1.0 for r in rows)
+    assert [r["tokens_per_sec"] for r in rows[1:]] == [8 * 32 / 1.0] * 5

@@ -54,12 +54,24 @@ class StepNumbers:
         parts = {k: v.detach().reshape(-1).to(torch.float64) for k, v in self.values.items() if v is not None}
         self._shapes = {k: v.shape for k, v in self.values.items() if v is not None}
         packed = torch.cat(list(parts.values()))
+        self.t_host = time.perf_counter()
         if packed.is_cuda:
             self._packed = packed.to("cpu", non_blocking=True)  # into pinned memory
-            self._event = torch.cuda.Event()
+            self._event = torch.cuda.Event(enable_timing=True)
             self._event.record()
         else:
             self._packed = packed
+
+    def seconds_since(self, earlier: "StepNumbers") -> float:
+        """Time from the end of `earlier` to the end of this step, both read: on the GPU's clock
+        (the host runs a step ahead of it), on the host's where the host does the work (CPU)."""
+        if self._event is not None and earlier._event is not None:
+            return earlier._event.elapsed_time(self._event) / 1000
+        return self.t_host - earlier.t_host
+
+    def seconds_from(self, t0: float) -> float:
+        """Host time from t0 to the end of this step (read): for the first step, with its set-up."""
+        return (self.t_read if self._event is not None else self.t_host) - t0
 
     def read(self) -> dict[str, list | None]:
         """Each value as a (nested) list of floats; None where the value was None."""
@@ -67,6 +79,7 @@ class StepNumbers:
             self.send()
         if self._event is not None:
             self._event.synchronize()
+        self.t_read = time.perf_counter()
         out, i = {}, 0
         for k, v in self.values.items():
             if v is None:
@@ -470,7 +483,7 @@ class Trainer:
         # the host has launched the next one's first kernels (docs/benchmarks.md, session 18).
         # Where the host's state must be exact (evaluation, a save, the end), `settle` reads them first.
         pending: StepNumbers | None = None
-        timing = {"t": t0, "step": self.step}
+        timing = {"last": None}
         stop = False
 
         def settle() -> bool:
@@ -526,8 +539,11 @@ class Trainer:
         out = self._account(rec, values)
         if rec.log:
             now = time.perf_counter()
-            tokens = (rec.step - timing["step"]) * self.cfg.train.global_batch_size * self.cfg.data.seq_len
-            tps = tokens / max(now - timing["t"], 1e-9)
+            last = timing["last"]  # the last logged step; the first one's time counts from the start
+            seconds = rec.seconds_since(last) if last is not None else rec.seconds_from(t0)
+            tokens = (rec.step - (last.step if last is not None else start_step)) * \
+                self.cfg.train.global_batch_size * self.cfg.data.seq_len
+            tps = tokens / max(seconds, 1e-9)
             if self.cfg.fq.enabled:
                 out.update(fq.stats_from_counts(self.model, values.get("fq")))
             out.update(rec.host)
@@ -539,7 +555,7 @@ class Trainer:
                 out["tflops"] = tps * self.flops_per_token / self.world_size / 1e12
                 out["mfu"] = out["tflops"] * 1e12 / self.peak_flops if self.peak_flops else None
             self.metrics.log(rec.step, out, now - t0, rec.step - start_step)
-            timing["t"], timing["step"] = time.perf_counter(), rec.step
+            timing["last"] = rec
         else:
             self.metrics.show_progress(rec.step)
         stop, busy_anywhere = values["stop"]
