@@ -48,7 +48,7 @@ def test_cli_trains_and_writes_metrics_and_tensorboard(default_cache, tmp_path):
     assert "step 16/16" in proc.stderr and "val_loss" in proc.stderr
 
     # The resolved config is complete and loads back as the same run.
-    from train.config import load_config, to_toml
+    from train.config import load_config
     resolved = load_config(str(run_dir / "config.toml"))
     assert resolved.train.steps == 16 and resolved.model.dim == 64 and resolved.model.vocab_size == 2048
 
