@@ -51,9 +51,9 @@ class StepNumbers:
         self._packed = self._event = None
 
     def send(self) -> None:
-        parts = {k: v.detach().reshape(-1).to(torch.float64) for k, v in self.values.items() if v is not None}
-        self._shapes = {k: v.shape for k, v in self.values.items() if v is not None}
-        packed = torch.cat(list(parts.values()))
+        present = {k: v for k, v in self.values.items() if v is not None}
+        self._shapes = {k: v.shape for k, v in present.items()}
+        packed = torch.cat([v.detach().reshape(-1).to(torch.float64) for v in present.values()])
         self.t_host = time.perf_counter()
         if packed.is_cuda:
             self._packed = packed.to("cpu", non_blocking=True)  # into pinned memory
@@ -368,8 +368,9 @@ class Trainer:
         """Count a step whose numbers have arrived: a non-finite one was skipped (or, under
         DeepSpeed, applied) and counts toward train.max_bad_steps."""
         loss, grad_norm = float(values["loss"][0]), float(values["grad_norm"][0])
-        consequence = "DeepSpeed applied the update" if self.cfg.parallel.engine == "deepspeed" else "update skipped"
-        if not self._check_finite(loss, grad_norm, consequence, rec.step) and consequence == "update skipped":
+        skips = self.cfg.parallel.engine != "deepspeed"
+        if not self._check_finite(loss, grad_norm, "update skipped" if skips else "DeepSpeed applied the update",
+                                  rec.step) and skips:
             self.skipped_steps += 1
         return {"loss": loss, "lr": rec.lr, "grad_norm": grad_norm}
 
@@ -481,17 +482,11 @@ class Trainer:
         # Step N's numbers (loss, norm, telemetry, the stop flag) are read after step N+1 is
         # launched: reading them at once would leave the GPU idle from the end of each step until
         # the host has launched the next one's first kernels (docs/benchmarks.md, session 18).
-        # Where the host's state must be exact (evaluation, a save, the end), `settle` reads them first.
-        pending: StepNumbers | None = None
-        timing = {"last": None}
+        # Where the host's state must be exact (evaluation, a save, the end), `_settle` reads them first.
+        self._pending: StepNumbers | None = None  # launched, numbers not yet read
+        self._last_logged: StepNumbers | None = None
+        self._t0, self._start_step = t0, start_step
         stop = False
-
-        def settle() -> bool:
-            nonlocal pending
-            stopped = self._complete(pending, start_step, t0, timing) if pending is not None else False
-            pending = None
-            return stopped
-
         while self.step < cfg.train.steps and not stop:
             if self.outliers is not None:
                 self.outliers.active = self._outlier_step(self.step + 1)
@@ -511,11 +506,11 @@ class Trainer:
                 self.outliers.active = False
             rec.values["stop"] = self._stop_flags()
             rec.send()
-            stop = settle()
-            pending = rec
+            stop = self._settle()
+            self._pending = rec
             val_due = bool(cfg.train.val_interval) and (self.step % cfg.train.val_interval == 0 or done)
             if stop or val_due or done or self.checkpointer.due(self.step, done):
-                stop = settle() or stop
+                stop = self._settle() or stop
             if val_due:
                 last_val = self.evaluate()
                 if last_val is not None:
@@ -527,21 +522,25 @@ class Trainer:
                 log.info(f"stopped at step {self.step} on request; resume with checkpoint.resume=auto")
             elif self.checkpointer.due(self.step, done):
                 self.save()
-        settle()
         self.checkpointer.wait()
         self.metrics.close()
         return {"step": self.step, "val_loss": last_val}
 
-    def _complete(self, rec: "StepNumbers", start_step: int, t0: float, timing: dict) -> bool:
+    def _settle(self) -> bool:
+        """Read the pending step's numbers, if a step is pending (`_complete`)."""
+        rec, self._pending = self._pending, None
+        return self._complete(rec) if rec is not None else False
+
+    def _complete(self, rec: "StepNumbers") -> bool:
         """Step `rec.step`'s numbers have arrived (or are waited for): count it, log it if it is a
         logged step, finalise a finished asynchronous save. True: some rank asked to stop."""
         values = rec.read()
         out = self._account(rec, values)
         if rec.log:
             now = time.perf_counter()
-            last = timing["last"]  # the last logged step; the first one's time counts from the start
-            seconds = rec.seconds_since(last) if last is not None else rec.seconds_from(t0)
-            tokens = (rec.step - (last.step if last is not None else start_step)) * \
+            last = self._last_logged  # None: the first logged step, timed from the start of train()
+            seconds = rec.seconds_since(last) if last is not None else rec.seconds_from(self._t0)
+            tokens = (rec.step - (last.step if last is not None else self._start_step)) * \
                 self.cfg.train.global_batch_size * self.cfg.data.seq_len
             tps = tokens / max(seconds, 1e-9)
             if self.cfg.fq.enabled:
@@ -554,8 +553,8 @@ class Trainer:
                 out["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                 out["tflops"] = tps * self.flops_per_token / self.world_size / 1e12
                 out["mfu"] = out["tflops"] * 1e12 / self.peak_flops if self.peak_flops else None
-            self.metrics.log(rec.step, out, now - t0, rec.step - start_step)
-            timing["last"] = rec
+            self.metrics.log(rec.step, out, now - self._t0, rec.step - self._start_step)
+            self._last_logged = rec
         else:
             self.metrics.show_progress(rec.step)
         stop, busy_anywhere = values["stop"]
