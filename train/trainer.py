@@ -509,7 +509,8 @@ class Trainer:
             stop = self._settle()
             self._pending = rec
             val_due = bool(cfg.train.val_interval) and (self.step % cfg.train.val_interval == 0 or done)
-            if stop or val_due or done or self.checkpointer.due(self.step, done):
+            save_due = self.checkpointer.due(self.step, done)
+            if stop or val_due or save_due or done:
                 stop = self._settle() or stop
             if val_due:
                 last_val = self.evaluate()
@@ -520,7 +521,7 @@ class Trainer:
                 log.warning(f"{why}: saving a checkpoint at step {self.step} and exiting")
                 self.save()
                 log.info(f"stopped at step {self.step} on request; resume with checkpoint.resume=auto")
-            elif self.checkpointer.due(self.step, done):
+            elif save_due:
                 self.save()
         self.checkpointer.wait()
         self.metrics.close()
