@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from fq import reference
 from fq.config import FQConfig
 from fq.reference import NUM_STATS, STAT_CRUSHED, STAT_FALLBACK, STAT_NONFINITE, STAT_SATURATED, STAT_TILES
+from fq.swiglu import swiglu_forward
 
 log = logging.getLogger("fqtrain.fq")
 
@@ -81,28 +82,37 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 # fresh vector inside fq/ops.py's functional op (what torch.compile traces) or under a budget.
 
 def linear_forward(ops, x, weight, thr, counts, tile: int, threshold: float, fallback: bool, keep_x_int8: bool,
-                   out_dtype: torch.dtype):
+                   out_dtype: torch.dtype, swiglu: str = ""):
     """y = x @ weight.T; also X's INT8 transposed digits and row scales for the weight gradient
-    (empty unless keep_x_int8)."""
+    (empty unless keep_x_int8), and what a fused SwiGLU's backward needs (`swiglu` "bf16" or
+    "int8": y is silu(gate) * up of the product's halves; fq.swiglu.swiglu_forward), else two
+    empty tensors."""
     xq = ops.quantize_act(x, tile, thr[FORWARD], threshold, fallback, transposed=keep_x_int8, stats=counts)
     wq, ws = ops.quantize_rows(weight)
     y = ops.gemm_a_fallback(xq, wq, ws, out_dtype)
+    saved = (x.new_empty(0), x.new_empty(0))
+    if swiglu:
+        y, *saved = swiglu_forward(y, swiglu == "int8")
     if not keep_x_int8:
-        return y, x.new_empty(0, dtype=torch.int8), x.new_empty(0, dtype=torch.float32)
-    return y, xq.qt, xq.scale_t
+        return y, x.new_empty(0, dtype=torch.int8), x.new_empty(0, dtype=torch.float32), *saved
+    return y, xq.qt, xq.scale_t, *saved
 
 
 def linear_backward(ops, dy, weight, qt, scale_t, x, thr, counts, tile: int, threshold: float, fallback: bool,
                     grad_input: bool, grad_weight: bool, seeds: torch.Tensor | None,
-                    need_dx: bool, need_dw: bool, x_dtype: torch.dtype):
+                    need_dx: bool, need_dw: bool, x_dtype: torch.dtype, swiglu: str = "", saved=()):
     """dX = dY W and dW = dY^T X (each None unless needed). A GEMM switched off (grad_input /
     grad_weight false) runs in dY's dtype; dW then needs X itself. `seeds`: stochastic rounding's
-    seeds for dY's two quantizations (`next_seeds`), or None."""
+    seeds for dY's two quantizations (`next_seeds`), or None. With `swiglu`, dy is the gradient of
+    silu(gate) * up and `saved` what linear_forward kept for it."""
     seed_dx, seed_dw = (None, None) if seeds is None else (seeds[0:1], seeds[1:2])
-    dx = dw = dyq = dyq_t = None
-    if need_dx and grad_input and need_dw and grad_weight:  # both layouts of dY from one pair of reads
+    dx = dw = dyq = dyq_t = pre = None
+    both = need_dx and grad_input and need_dw and grad_weight  # both layouts of dY from one pair of reads
+    if swiglu:  # the product's own gradient, with its statistics for quantize_grad (Triton path)
+        dy, pre = ops.swiglu_grad(dy, *saved, swiglu == "int8", scale_t if both else None, tile, counts)
+    if both:
         dyq, dyq_t, dys = ops.quantize_grad(dy, tile, thr[GRAD], threshold, fallback, scale_t, seed_dx, seed_dw,
-                                            counts)
+                                            counts, pre)
     if need_dx:
         if grad_input:
             if dyq is None:
@@ -147,7 +157,7 @@ class _EagerLinear(torch.autograd.Function):
     or the Triton kernels outside torch.compile (where fq/ops.py's op would only add dispatch)."""
 
     @staticmethod
-    def forward(ctx, x, weight, layer: FQLinear, out_dtype: torch.dtype, ops):
+    def forward(ctx, x, weight, layer: FQLinear, out_dtype: torch.dtype, ops, swiglu: str):
         cfg = layer.fq_config
         # Activation checkpointing runs this forward again inside the backward. The rerun must
         # give the same output, so it takes the thresholds the first run used, and it leaves the
@@ -162,17 +172,17 @@ class _EagerLinear(torch.autograd.Function):
             if layer.budget():
                 layer._thr_used = thr.clone()
         with torch.autocast(x.device.type, enabled=False):
-            y, qt, scale_t = linear_forward(ops, x, weight, thr, counts, cfg.tile, cfg.threshold,
-                                            cfg.fallback != "none", cfg.grad_weight, out_dtype)
+            y, qt, scale_t, *saved = linear_forward(ops, x, weight, thr, counts, cfg.tile, cfg.threshold,
+                                                    cfg.fallback != "none", cfg.grad_weight, out_dtype, swiglu)
         if not rerun:
             layer._budget(FORWARD, counts)
-        ctx.layer, ctx.ops, ctx.x_dtype = layer, ops, x.dtype
-        ctx.save_for_backward(weight, qt, scale_t, None if cfg.grad_weight else x)
+        ctx.layer, ctx.ops, ctx.x_dtype, ctx.swiglu = layer, ops, x.dtype, swiglu
+        ctx.save_for_backward(weight, qt, scale_t, None if cfg.grad_weight else x, *saved)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        weight, qt, scale_t, x = ctx.saved_tensors
+        weight, qt, scale_t, x, *saved = ctx.saved_tensors
         layer = ctx.layer
         cfg = layer.fq_config
         counts = layer._counts(GRAD)
@@ -180,9 +190,9 @@ class _EagerLinear(torch.autograd.Function):
             dx, dw = linear_backward(ctx.ops, dy, weight, qt, scale_t, x, layer.fq_thr, counts, cfg.tile,
                                      cfg.threshold, cfg.fallback != "none", cfg.grad_input, cfg.grad_weight,
                                      layer.next_seeds(), ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                                     ctx.x_dtype)
+                                     ctx.x_dtype, ctx.swiglu, saved)
         layer._budget(GRAD, counts)
-        return dx, dw, None, None, None
+        return dx, dw, None, None, None, None
 
 
 # Under torch.compile (train.compile) this runs as it is: the reference is eager code with
@@ -259,22 +269,30 @@ class FQLinear(nn.Linear):
         if self.budget():
             account(self.fq_stats, self.fq_thr, which, counts, self.fq_config.threshold, self.budget())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, swiglu: str = "") -> torch.Tensor:
+        """x @ weight.T + bias; `swiglu` "bf16" or "int8" (a gate/up projection without bias, whose
+        output rows are gate, then up): silu(gate) * up instead, with the SwiGLU backward fused into
+        this layer's, its product kept for it in BF16 or INT8 (fq/swiglu.py)."""
+        if swiglu not in ("", "bf16", "int8"):
+            raise ValueError(f"FQLinear: swiglu={swiglu!r}; use '', 'bf16' or 'int8'")
+        if swiglu and self.bias is not None:
+            raise ValueError("FQLinear: a fused SwiGLU takes a projection without bias")
         dtype = _compute_dtype(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         if x2.shape[0] == 0:
-            return F.linear(x, self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype))
+            y = F.linear(x, self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype))
+            return swiglu_forward(y, False)[0] if swiglu else y
         # CPU tensors take the reference, except under the Triton interpreter (tests).
         use_triton = self.fq_backend == "triton" and (x.is_cuda or _triton_ops().INTERPRET)
         self.last_backend = "triton" if use_triton else "reference"
         if torch.compiler.is_compiling() and self.compile_blocker(x.is_cuda) is None:
             from fq import ops
 
-            y = ops.fq_linear(x2, self.weight, self, dtype)
+            y = ops.fq_linear(x2, self.weight, self, dtype, swiglu)
         else:
-            y = _eager_linear(x2, self.weight, self, dtype, _triton_ops() if use_triton else reference)
-        y = y.reshape(*lead, self.out_features)
+            y = _eager_linear(x2, self.weight, self, dtype, _triton_ops() if use_triton else reference, swiglu)
+        y = y.reshape(*lead, y.shape[-1])
         if self.bias is not None:
             y = y + self.bias.to(dtype)
         return y

@@ -43,70 +43,76 @@ CODE = source_hash()
 def _linear(x: torch.Tensor, weight: torch.Tensor, thr: torch.Tensor, thr_state: torch.Tensor, stats: torch.Tensor,
             seed_calls: torch.Tensor, seed_base: torch.Tensor, tile: int, threshold: float, fallback: bool,
             budget: float, grad_input: bool, grad_weight: bool, stochastic: bool,
-            out_dtype: torch.dtype, code: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """y, X's INT8 for dW (qt, scale_t; empty unless grad_weight), counts. `thr`: the thresholds
-    this call quantizes with; `thr_state` (the layer's), `stats`, the seed counter and base,
-    `budget`, `grad_input` and `stochastic` are only carried to the backward; `code` is CODE."""
+            out_dtype: torch.dtype, swiglu: str,
+            code: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y, X's INT8 for dW (qt, scale_t; empty unless grad_weight), a fused SwiGLU's saved pair
+    (empty without `swiglu`), counts. `thr`: the thresholds this call quantizes with;
+    `thr_state` (the layer's), `stats`, the seed counter and base, `budget`, `grad_input` and
+    `stochastic` are only carried to the backward; `code` is CODE."""
     counts = torch.zeros(NUM_STATS, dtype=torch.int64, device=x.device)
     with triton_kernels.traceable_launches():
-        y, qt, scale_t = linear_forward(triton_kernels, x, weight, thr, counts, tile, threshold, fallback, grad_weight,
-                                        out_dtype)
-    return y, qt, scale_t, counts
+        y, qt, scale_t, saved, saved_scale = linear_forward(triton_kernels, x, weight, thr, counts, tile, threshold,
+                                                            fallback, grad_weight, out_dtype, swiglu)
+    return y, qt, scale_t, saved, saved_scale, counts
 
 
 @triton_op("fq::linear_backward", mutates_args=())
 def _linear_backward(dy: torch.Tensor, weight: torch.Tensor, qt: torch.Tensor, scale_t: torch.Tensor,
                      x: torch.Tensor | None, thr: torch.Tensor, seeds: torch.Tensor | None, tile: int,
                      threshold: float, fallback: bool, grad_input: bool, grad_weight: bool, need_dx: bool,
-                     need_dw: bool, x_dtype: torch.dtype, code: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     need_dw: bool, x_dtype: torch.dtype, swiglu: str, saved: torch.Tensor,
+                     saved_scale: torch.Tensor, code: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dX, dW (empty where not needed), counts. `seeds`: stochastic rounding's two (or None);
-    `code` is CODE."""
+    with `swiglu`, dy is the gradient of silu(gate) * up; `code` is CODE."""
     counts = torch.zeros(NUM_STATS, dtype=torch.int64, device=dy.device)
     with triton_kernels.traceable_launches():
         dx, dw = linear_backward(triton_kernels, dy, weight, qt, scale_t, x, thr, counts, tile, threshold, fallback,
-                                 grad_input, grad_weight, seeds, need_dx, need_dw, x_dtype)
+                                 grad_input, grad_weight, seeds, need_dx, need_dw, x_dtype, swiglu,
+                                 (saved, saved_scale))
     empty = dy.new_empty(0)
     return (empty if dx is None else dx), (empty if dw is None else dw), counts
 
 
 def _setup_context(ctx, inputs, output):
     (x, weight, _, thr, stats, seed_calls, seed_base, tile, threshold, fallback, budget, grad_input, grad_weight,
-     stochastic, _, _) = inputs
-    _, qt, scale_t, counts = output
-    ctx.mark_non_differentiable(qt, scale_t, counts)
-    ctx.save_for_backward(weight, qt, scale_t, None if grad_weight else x)
+     stochastic, _, swiglu, _) = inputs
+    _, qt, scale_t, saved, saved_scale, counts = output
+    ctx.mark_non_differentiable(qt, scale_t, saved, saved_scale, counts)
+    ctx.save_for_backward(weight, qt, scale_t, None if grad_weight else x, saved, saved_scale)
     # The layer's totals, thresholds and seed counter: updated in place by the backward, not
     # inputs to it.
     ctx.stats, ctx.thr = stats, thr
     ctx.seeds = (seed_calls, seed_base) if stochastic else None
     ctx.args = (tile, threshold, fallback, grad_input, grad_weight)
-    ctx.budget, ctx.x_dtype = budget, x.dtype
+    ctx.budget, ctx.x_dtype, ctx.swiglu = budget, x.dtype, swiglu
 
 
-def _backward(ctx, dy, _qt, _scale_t, _counts):
-    weight, qt, scale_t, x = ctx.saved_tensors
+def _backward(ctx, dy, _qt, _scale_t, _saved, _saved_scale, _counts):
+    weight, qt, scale_t, x, saved, saved_scale = ctx.saved_tensors
     tile, threshold, fallback, grad_input, grad_weight = ctx.args
     need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     seeds = None if ctx.seeds is None else next_seeds(*ctx.seeds)
     dx, dw, counts = torch.ops.fq.linear_backward(dy, weight, qt, scale_t, x, ctx.thr, seeds, tile, threshold,
                                                   fallback, grad_input, grad_weight, need_dx, need_dw, ctx.x_dtype,
-                                                  CODE)
+                                                  ctx.swiglu, saved, saved_scale, CODE)
     account(ctx.stats, ctx.thr, GRAD, counts, threshold, ctx.budget)
-    return (dx if need_dx else None, dw if need_dw else None) + (None,) * 14
+    return (dx if need_dx else None, dw if need_dw else None) + (None,) * 15
 
 
 _linear.register_autograd(_backward, setup_context=_setup_context)
 
 
-def fq_linear(x: torch.Tensor, weight: torch.Tensor, layer, out_dtype: torch.dtype) -> torch.Tensor:
-    """y = x @ weight.T through the op, with the layer's telemetry and thresholds."""
+def fq_linear(x: torch.Tensor, weight: torch.Tensor, layer, out_dtype: torch.dtype, swiglu: str = "") -> torch.Tensor:
+    """y = x @ weight.T (`swiglu`: silu(gate) * up of it) through the op, with the layer's
+    telemetry and thresholds."""
     cfg = layer.fq_config
     budget = layer.budget()
     # Under a budget `account` updates the thresholds in place after this call; a copy keeps
     # activation checkpointing's rerun of the op on the thresholds this call used.
     thr = layer.fq_thr.clone() if budget else layer.fq_thr
-    y, _, _, counts = torch.ops.fq.linear(x, weight, thr, layer.fq_thr, layer.fq_stats, layer.fq_seed_calls,
-                                          layer.fq_seed_base, cfg.tile, cfg.threshold, cfg.fallback != "none", budget,
-                                          cfg.grad_input, cfg.grad_weight, cfg.stochastic_rounding, out_dtype, CODE)
+    y, *_, counts = torch.ops.fq.linear(x, weight, thr, layer.fq_thr, layer.fq_stats, layer.fq_seed_calls,
+                                        layer.fq_seed_base, cfg.tile, cfg.threshold, cfg.fallback != "none", budget,
+                                        cfg.grad_input, cfg.grad_weight, cfg.stochastic_rounding, out_dtype, swiglu,
+                                        CODE)
     account(layer.fq_stats, layer.fq_thr, FORWARD, counts, cfg.threshold, budget)
     return y

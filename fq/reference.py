@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fq.swiglu import swiglu_backward
+
 QMAX = 127.0
 # Entries of the stats vector: counts of one quantization, or a layer's running totals.
 STAT_FALLBACK, STAT_CRUSHED, STAT_SATURATED, STAT_NONFINITE, STAT_TILES = range(5)
@@ -192,11 +194,19 @@ def quantize_act(x: torch.Tensor, tile: int, threshold: torch.Tensor | float, ba
 
 def quantize_grad(dy: torch.Tensor, tile: int, threshold: torch.Tensor | float, base_threshold: float,
                   fallback: bool, row_mult: torch.Tensor, seed: int | None = None, seed_t: int | None = None,
-                  stats: torch.Tensor | None = None) -> tuple[TileQuant, torch.Tensor, torch.Tensor]:
+                  stats: torch.Tensor | None = None, pre: None = None) -> tuple[TileQuant, torch.Tensor, torch.Tensor]:
     """The output gradient for both backward GEMMs: its rows with fallback tiles (input gradient)
-    and its columns with X's row scales folded in, transposed (weight gradient)."""
+    and its columns with X's row scales folded in, transposed (weight gradient). `pre` is the
+    Triton path's (statistics computed by its swiglu_grad); the reference's swiglu_grad gives None."""
     return (quantize_act(dy, tile, threshold, base_threshold, fallback, seed=seed, stats=stats),
             *quantize_cols_t(dy, row_mult, seed_t))
+
+
+def swiglu_grad(dh: torch.Tensor, saved: torch.Tensor, scale: torch.Tensor, int8: bool,
+                row_mult: torch.Tensor | None, tile: int, stats: torch.Tensor) -> tuple[torch.Tensor, None]:
+    """fq.swiglu.swiglu_backward; quantize_grad takes dY's statistics itself (the Triton path
+    computes them here, in the same kernel)."""
+    return swiglu_backward(dh, saved, scale, int8), None
 
 
 def fallback_lists(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,9 @@
   the GEMM; one program per tile then writes the plain tiles' INT8 digits, and a few programs
   per tile row the fallback tiles' digits and multipliers, from the lists.
   Counts go by atomics straight into the caller's running totals (no extra launch).
+- `_swiglu_grad_kernel`: under a fused SwiGLU (FQLinear's `swiglu`), the gate/up projection's
+  output gradient from the gradient of silu(gate) * up, with the statistics of the stats kernel
+  in the same pass, so quantize_grad starts at the scales kernel.
 - `_line_quant_kernel`: per-row or per-column INT8 (weights; dY for the weight gradient only when
   the input-gradient GEMM is not quantized, else `quantize_grad` writes it) in one launch: each
   program owns whole lines and reads them twice.
@@ -41,6 +44,7 @@ from triton.language.extra import libdevice
 from torch.library import wrap_triton
 
 from fq.reference import NUM_STATS, SPREAD, TileQuant, num_tiles
+from fq.swiglu import GROUP, swiglu_backward
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 log = logging.getLogger("fqtrain.fq")
@@ -105,17 +109,65 @@ def _act_stats_kernel(x_ptr, s_xm, s_xk, M, K, KT, rowmax_ptr, stats_ptr, mult_p
     cols = pid_k * TILE + tl.arange(0, TILE)
     mask = (rows[:, None] < M) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None] * s_xm + cols[None, :] * s_xk, mask=mask, other=0.0).to(tl.float32)
+    _tile_stats(x, rows, cols, M, K, KT, pid_k, pid_m, rowmax_ptr, stats_ptr, mult_ptr, colmax_ptr, COLS)
+    if (pid_m == 0) & (pid_k == 0):
+        tl.atomic_add(stats_ptr + 4, (tl.num_programs(0) * tl.num_programs(1)).to(tl.int64))
+
+
+@triton.jit
+def _tile_stats(x, rows, cols, M, K, KT, pid_k, crow, rowmax_ptr, stats_ptr, mult_ptr, colmax_ptr,
+                COLS: tl.constexpr):
+    """The statistics of rows x cols of one K tile (masked values zero): row absmax into
+    rowmax[:, pid_k], with COLS the column absmax of x * mult[row] into colmax's row `crow`,
+    and the count of non-finite values."""
     ax = tl.where(x != x, float("inf"), tl.abs(x))
     rowmax = tl.max(ax, axis=1)
     tl.store(rowmax_ptr + rows * KT + pid_k, rowmax, mask=rows < M)
     if COLS:
         y = _mul(x, tl.load(mult_ptr + rows, mask=rows < M, other=1.0)[:, None])
         ay = tl.where(y != y, float("inf"), tl.abs(y))
-        tl.store(colmax_ptr + pid_m * K + cols, tl.max(ay, axis=0), mask=cols < K)
-    if (pid_m == 0) & (pid_k == 0):
-        tl.atomic_add(stats_ptr + 4, (tl.num_programs(0) * tl.num_programs(1)).to(tl.int64))
+        tl.store(colmax_ptr + crow * K + cols, tl.max(ay, axis=0), mask=cols < K)
     if tl.max(rowmax, axis=0) == float("inf"):
         tl.atomic_add(stats_ptr + 3, tl.sum(tl.sum((ax == float("inf")).to(tl.int32), axis=1), axis=0).to(tl.int64))
+
+
+@triton.jit
+def _swiglu_grad_kernel(dh_ptr, s_hm, s_hk, y_ptr, s_ym, ys_ptr, dy_ptr, M, F, G, KT, TILES, rowmax_ptr, stats_ptr,
+                        mult_ptr, colmax_ptr, TILE: tl.constexpr, ROWS: tl.constexpr, GROUP: tl.constexpr,
+                        INT8: tl.constexpr, STATS: tl.constexpr):
+    """dY = [dgate | dup], the gradient of a gate/up projection's output y = [gate | up] (M, 2F),
+    from dh, the gradient of silu(gate) * up, and y as swiglu_forward kept it (INT8: digits and
+    per-GROUP scales (M, 2, G)). F is a multiple of TILE, and GROUP of TILE: program (k, r) takes
+    ROWS rows of gate tile k and of up tile k + F / TILE, which read the same dh, gate and up.
+    STATS: also what _act_stats_kernel (COLS) gives for those dY tiles, the column maxima per
+    ROWS rows (TILES: dY's tile count)."""
+    pid_k = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    rows = pid_r * ROWS + tl.arange(0, ROWS)
+    j = pid_k * TILE + tl.arange(0, TILE)
+    rmask = rows < M
+    mask = rmask[:, None] & (j < F)[None, :]
+    dh = tl.load(dh_ptr + rows[:, None] * s_hm + j[None, :] * s_hk, mask=mask, other=0.0).to(tl.float32)
+    yr = y_ptr + rows[:, None] * s_ym + j[None, :]
+    g = tl.load(yr, mask=mask, other=0).to(tl.float32)
+    u = tl.load(yr + F, mask=mask, other=0).to(tl.float32)
+    if INT8:  # the tile's columns lie in one group: one scale per row for gate (ys[:, 0]), one for up
+        sr = ys_ptr + rows * (2 * G) + (pid_k * TILE) // GROUP
+        g = g * tl.load(sr, mask=rmask, other=0.0)[:, None]
+        u = u * tl.load(sr + G, mask=rmask, other=0.0)[:, None]
+    sig = tl.sigmoid(g)
+    dg = (dh * u * sig * (1 + g * (1 - sig))).to(dy_ptr.dtype.element_ty)
+    du = (dh * g * sig).to(dy_ptr.dtype.element_ty)
+    out = dy_ptr + rows[:, None] * (2 * F) + j[None, :]
+    tl.store(out, dg, mask=mask)
+    tl.store(out + F, du, mask=mask)
+    if STATS:
+        _tile_stats(dg.to(tl.float32), rows, j, M, 2 * F, KT, pid_k, pid_r, rowmax_ptr, stats_ptr, mult_ptr,
+                    colmax_ptr, True)
+        _tile_stats(du.to(tl.float32), rows, F + j, M, 2 * F, KT, pid_k + F // TILE, pid_r, rowmax_ptr, stats_ptr,
+                    mult_ptr, colmax_ptr, True)
+        if (pid_k == 0) & (pid_r == 0):
+            tl.atomic_add(stats_ptr + 4, tl.full((), 0, tl.int64) + TILES)
 
 
 @triton.jit
@@ -629,12 +681,59 @@ def quantize_act(x: torch.Tensor, tile: int, threshold: torch.Tensor | float, ba
 
 def quantize_grad(dy: torch.Tensor, tile: int, threshold: torch.Tensor | float, base_threshold: float,
                   fallback: bool, row_mult: torch.Tensor, seed: Seed = None, seed_t: Seed = None,
-                  stats: torch.Tensor | None = None) -> tuple[TileQuant, torch.Tensor, torch.Tensor]:
+                  stats: torch.Tensor | None = None, pre=None) -> tuple[TileQuant, torch.Tensor, torch.Tensor]:
     """quantize_act(dy) and quantize_cols_t(dy, row_mult) in the same launches: dY is read twice
-    instead of four times."""
+    instead of four times; once with `pre`, dY's statistics from `swiglu_grad` (rowmax,
+    colmax), which has also counted its tiles and non-finite values into `stats`."""
     if (seed is None) != (seed_t is None):
         raise ValueError("quantize_grad: stochastic rounding needs both seeds or neither")
-    return _quantize_act(dy, tile, threshold, base_threshold, fallback, seed, True, stats, row_mult, seed_t)
+    return _quantize_act(dy, tile, threshold, base_threshold, fallback, seed, True, stats, row_mult, seed_t, pre)
+
+
+# Rows per program of _swiglu_grad_kernel, from the H100 (2026-11-24, M = 32768, 2F = 16384, tile
+# 128, statistics on). A draft swept 16 rows with 2 warps at 1.00 ms, 32 rows at 1.07-1.11, 64 at
+# 1.17-1.20, and whole 128-row tiles at 1.54: more rows per program hold more registers and keep
+# fewer loads in flight. This kernel takes 1.06 ms with 16 rows and 1.10 with 32 in BF16. In INT8
+# it takes 1.34 and 1.21 ms (not yet timed in training). For comparison, inductor's SwiGLU backward
+# alone takes 0.91 ms, or 1.24 in INT8, and the stats kernel after it another 0.60.
+SWIGLU_ROWS = 16
+
+
+def swiglu_grad(dh: torch.Tensor, saved: torch.Tensor, scale: torch.Tensor, int8: bool,
+                row_mult: torch.Tensor | None, tile: int, stats: torch.Tensor):
+    """fq.swiglu.swiglu_backward, and with row_mult (quantize_grad's) dY's statistics in the
+    same launch: (dY, (rowmax, colmax)) for quantize_grad's `pre`, else (dY, None). A width
+    that is not a multiple of the tile runs swiglu_backward in torch (and says so, once)."""
+    m, n = dh.shape
+    if n % tile:
+        why = f"the SwiGLU width {n} is not a multiple of fq.tile={tile}"
+        if why not in _NOTED:
+            _NOTED.add(why)
+            log.info("fq: %s, so its backward runs in torch, apart from the quantization's statistics", why)
+        return swiglu_backward(dh, saved, scale, int8), None
+    dh = _in_place(dh)
+    saved = saved if saved.stride(1) == 1 else saved.contiguous()
+    k = 2 * n
+    dev = dh.device
+    dy = torch.empty(m, k, dtype=dh.dtype, device=dev)
+    mt, kt = num_tiles(m, tile), num_tiles(k, tile)
+    rows = min(SWIGLU_ROWS, tile)
+    parts = mt * (tile // rows)  # programs past M write zero maxima, so every part is defined
+    with_stats = row_mult is not None
+
+    def unused():  # fresh, as in _quantize_act
+        return torch.empty(1, dtype=torch.float32, device=dev)
+
+    rowmax = torch.empty(m, kt, dtype=torch.float32, device=dev) if with_stats else unused()
+    colmax = torch.empty(parts, k, dtype=torch.float32, device=dev) if with_stats else unused()
+    _traceable(_swiglu_grad_kernel)[(n // tile, parts)](
+        dh, dh.stride(0), dh.stride(1), saved, saved.stride(0), scale.contiguous() if int8 else unused(), dy, m, n,
+        scale.shape[-1] if int8 else 1, kt, mt * kt, rowmax, stats, row_mult if with_stats else unused(), colmax,
+        TILE=tile, ROWS=rows, GROUP=GROUP, INT8=int8, STATS=with_stats, num_warps=2 if rows * tile <= 2048 else 4)
+    if not with_stats:
+        return dy, None
+    return dy, (rowmax, colmax.view(mt, tile // rows, k).amax(dim=1))
+
 
 
 def _in_place(x: torch.Tensor) -> torch.Tensor:
@@ -648,9 +747,10 @@ def _in_place(x: torch.Tensor) -> torch.Tensor:
     return torch.as_strided(x, x.shape, x.stride()) if _TRACEABLE[0] else x
 
 
-def _quantize_act(x, tile, threshold, base_threshold, fallback, seed, transposed, stats, row_mult=None, seed_t=None):
+def _quantize_act(x, tile, threshold, base_threshold, fallback, seed, transposed, stats, row_mult=None, seed_t=None,
+                  pre=None):
     """quantize_act; with row_mult, the transposed digits are per column of x * row_mult[:, None]
-    (returned with their scales) instead of per row."""
+    (returned with their scales) instead of per row; with `pre` (quantize_grad), no statistics pass."""
     x = _in_place(x)
     m, k = x.shape
     dev = x.device
@@ -664,15 +764,18 @@ def _quantize_act(x, tile, threshold, base_threshold, fallback, seed, transposed
 
     if stats is None:
         stats = torch.zeros(NUM_STATS, dtype=torch.int64, device=dev)
-    rowmax = torch.empty(m, kt, dtype=torch.float32, device=dev)
-    colmax = torch.empty(mt, k, dtype=torch.float32, device=dev) if cols else unused()
     # Swept on the H100 at M = 8192 (2026-11-23) and 32768 (2026-11-24), tile 128: the stats
     # pass is fastest with 8 warps, 4 when it also takes column maxima (1.6-1.8 TB/s at M = 32768
     # against 1.2 with 8).
     warps = 8 if tile == 128 else 4
-    _traceable(_act_stats_kernel)[(mt, kt)](x, x.stride(0), x.stride(1), m, k, kt, rowmax, stats,
-                                            row_mult if cols else unused(), colmax, TILE=tile, COLS=cols,
-                                            num_warps=4 if cols else warps)
+    if pre is not None:
+        rowmax, colmax = pre
+    else:
+        rowmax = torch.empty(m, kt, dtype=torch.float32, device=dev)
+        colmax = torch.empty(mt, k, dtype=torch.float32, device=dev) if cols else unused()
+        _traceable(_act_stats_kernel)[(mt, kt)](x, x.stride(0), x.stride(1), m, k, kt, rowmax, stats,
+                                                row_mult if cols else unused(), colmax, TILE=tile, COLS=cols,
+                                                num_warps=4 if cols else warps)
     if isinstance(threshold, torch.Tensor):
         thr = threshold.reshape(1)
     else:  # a fill on the device, not a host-to-device copy

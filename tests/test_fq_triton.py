@@ -234,6 +234,68 @@ def test_nonfinite_and_zero_inputs():
     assert torch.equal(y[64:], torch.zeros_like(y[64:]))
 
 
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("tile,m,n", [(32, 70, 96), (64, 130, 192), (128, 129, 384)])
+def test_swiglu_grad_gives_dy_and_the_statistics_of_the_stats_kernel(tile, m, n, int8):
+    """The fused SwiGLU backward: dY = [dgate | dup] as fq.swiglu computes it (to a bf16 rounding),
+    and statistics from which quantize_grad gives exactly what its own stats pass gives, counts
+    included."""
+    from fq.swiglu import swiglu_backward, swiglu_forward
+    y = (rand(m, 2 * n, seed=tile + 3, scale=2.0)).to(torch.bfloat16)
+    dh = with_outliers(m, n, seed=tile + 4).to(torch.bfloat16)
+    dh[5, n - 1], dh[7, 2] = float("nan"), float("inf")
+    mult = rand(m, seed=tile + 5).abs() + 0.1
+    _, saved, scale = swiglu_forward(y, int8)
+    want = swiglu_backward(dh, saved, scale, int8)
+    counts = torch.zeros(R.NUM_STATS, dtype=torch.int64, device=DEV)
+    dy, pre = T.swiglu_grad(dh, saved, scale, int8, mult, tile, counts)
+    assert dy.dtype == torch.bfloat16 and dy.isnan().any()
+    torch.testing.assert_close(dy.float(), want.float(), rtol=2**-7, atol=1e-30, equal_nan=True)
+    assert int(counts[R.STAT_NONFINITE]) > 0
+    a, qa, sa = T.quantize_grad(dy, tile, THR, THR, True, mult, stats=counts, pre=pre)
+    b, qb, sb = T.quantize_grad(dy, tile, THR, THR, True, mult)
+    a.flags = a.flags.bool()  # compared as the reference's
+    assert_same_quant(a, b, m, 2 * n)
+    assert torch.equal(qa, qb) and same(sa, sb)
+    assert a.flags.any()
+    alone, none = T.swiglu_grad(dh, saved, scale, int8, None, tile, counts)  # no statistics asked for
+    assert none is None and same(alone.float(), dy.float())
+
+
+def test_swiglu_grad_of_a_width_off_the_tile_runs_in_torch_and_says_so(caplog):
+    from fq.swiglu import swiglu_backward, swiglu_forward
+    y, dh = rand(40, 96, seed=30), rand(40, 48, seed=31)
+    _, saved, scale = swiglu_forward(y, False)
+    counts = torch.zeros(R.NUM_STATS, dtype=torch.int64, device=DEV)
+    with caplog.at_level("INFO", logger="fqtrain.fq"):
+        dy, pre = T.swiglu_grad(dh, saved, scale, False, rand(40, seed=32).abs(), 32, counts)
+    assert pre is None and torch.equal(dy, swiglu_backward(dh, saved, scale, False))
+    assert "not a multiple of fq.tile=32" in caplog.text
+
+
+@pytest.mark.parametrize("swiglu", ["bf16", "int8"])
+def test_fqlinear_with_fused_swiglu_matches_the_reference_and_the_unfused_layer(swiglu):
+    from fq.swiglu import swiglu as swiglu_unfused
+    cfg = FQConfig(tile=32)
+    ref = FQLinear(64, 128, bias=False, config=cfg, backend="reference").to(DEV)
+    tri = FQLinear.from_linear(ref, cfg, "tri", "triton")
+    x = with_outliers(70, 64, seed=20)
+    g = rand(70, 64, seed=21)
+    outs = {}
+    for name, fn in [("ref", lambda x: ref(x, swiglu=swiglu)), ("tri", lambda x: tri(x, swiglu=swiglu)),
+                     ("unfused", lambda x: swiglu_unfused(*tri(x).chunk(2, dim=-1), swiglu == "int8"))]:
+        xi = x.clone().requires_grad_(True)
+        h = fn(xi)
+        outs[name] = (h, *torch.autograd.grad(h, (xi, tri.weight if name != "ref" else ref.weight), g))
+    assert torch.equal(outs["tri"][0], outs["unfused"][0])  # the same forward
+    for other in ("ref", "unfused"):
+        for a, b in zip(outs[other], outs["tri"]):
+            assert ((a - b).norm() / a.norm()) < 1e-6, other
+    assert collect_stats(ref)["fallback_ratio"] > 0
+    with pytest.raises(ValueError, match="swiglu"):
+        tri(x, swiglu="fp8")
+
+
 def test_fqlinear_triton_path_matches_reference_path():
     torch.manual_seed(0)
     cfg = FQConfig(tile=32)
@@ -256,18 +318,19 @@ def test_fqlinear_triton_path_matches_reference_path():
     assert sr["fallback_ratio"] > 0
 
 
-def test_compile_op_matches_eager_path():
+@pytest.mark.parametrize("swiglu", ["", "int8"])
+def test_compile_op_matches_eager_path(swiglu):
     """fq/ops.py's op, which torch.compile traces (here run eagerly), computes what the eager
-    path computes: outputs, gradients, telemetry and budget thresholds."""
+    path computes: outputs, gradients, telemetry and budget thresholds; with a fused SwiGLU too."""
     from fq import ops
     cfg = FQConfig(tile=32, fallback="budget", budget=0.2)
-    a = FQLinear(64, 40, bias=False, config=cfg, backend="triton").to(DEV)
+    a = FQLinear(64, 128, bias=False, config=cfg, backend="triton").to(DEV)
     b = FQLinear.from_linear(a, cfg, "b", "triton")  # same weight, its own totals and thresholds
     x = with_outliers(70, 64, seed=12)
     xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    ya, yb = a(xa), ops.fq_linear(xb, b.weight, b, torch.float32)
+    ya, yb = a(xa, swiglu=swiglu), ops.fq_linear(xb, b.weight, b, torch.float32, swiglu)
     assert a.last_backend == "triton" and torch.equal(ya, yb)
-    g = rand(70, 40, seed=13)
+    g = rand(*ya.shape, seed=13)
     for u, v in zip(torch.autograd.grad(ya, (xa, a.weight), g), torch.autograd.grad(yb, (xb, b.weight), g)):
         assert torch.equal(u, v)
     assert torch.equal(a.fq_stats, b.fq_stats) and torch.equal(a.fq_thr, b.fq_thr)

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from fq.linear import FQLinear
 from fq.swiglu import swiglu
 from train.config import ModelConfig, ffn_hidden
 from train.loss import linear_cross_entropy
@@ -79,8 +80,11 @@ class MLP(nn.Module):
         self.swiglu_int8 = False
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(swiglu(gate, up, self.swiglu_int8))
+        if isinstance(self.gate_up_proj, FQLinear):  # SwiGLU inside the layer: its backward fused in
+            h = self.gate_up_proj(x, swiglu="int8" if self.swiglu_int8 else "bf16")
+        else:
+            h = swiglu(*self.gate_up_proj(x).chunk(2, dim=-1), self.swiglu_int8)
+        return self.down_proj(h)
 
 
 class Block(nn.Module):
