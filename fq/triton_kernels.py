@@ -709,7 +709,7 @@ def swiglu_grad(dh: torch.Tensor, saved: torch.Tensor, scale: torch.Tensor, int8
         why = f"the SwiGLU width {n} is not a multiple of fq.tile={tile}"
         if why not in _NOTED:
             _NOTED.add(why)
-            log.info("fq: %s, so its backward runs in torch, apart from the quantization's statistics", why)
+            log.info("fq: %s, so SwiGLU's backward runs in torch and dY's statistics take their own pass", why)
         return swiglu_backward(dh, saved, scale, int8), None
     dh = _in_place(dh)
     saved = saved if saved.stride(1) == 1 else saved.contiguous()
@@ -733,7 +733,6 @@ def swiglu_grad(dh: torch.Tensor, saved: torch.Tensor, scale: torch.Tensor, int8
     if not with_stats:
         return dy, None
     return dy, (rowmax, colmax.view(mt, tile // rows, k).amax(dim=1))
-
 
 
 def _in_place(x: torch.Tensor) -> torch.Tensor:
