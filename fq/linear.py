@@ -90,9 +90,10 @@ def linear_forward(ops, x, weight, thr, counts, tile: int, threshold: float, fal
     xq = ops.quantize_act(x, tile, thr[FORWARD], threshold, fallback, transposed=keep_x_int8, stats=counts)
     wq, ws = ops.quantize_rows(weight)
     y = ops.gemm_a_fallback(xq, wq, ws, out_dtype)
-    saved = (x.new_empty(0), x.new_empty(0))
     if swiglu:
         y, *saved = swiglu_forward(y, swiglu == "int8")
+    else:
+        saved = (x.new_empty(0), x.new_empty(0))
     if not keep_x_int8:
         return y, x.new_empty(0, dtype=torch.int8), x.new_empty(0, dtype=torch.float32), *saved
     return y, xq.qt, xq.scale_t, *saved
