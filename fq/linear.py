@@ -82,21 +82,24 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 # fresh vector inside fq/ops.py's functional op (what torch.compile traces) or under a budget.
 
 def linear_forward(ops, x, weight, thr, counts, tile: int, threshold: float, fallback: bool, keep_x_int8: bool,
-                   out_dtype: torch.dtype, swiglu: str = ""):
+                   out_dtype: torch.dtype, swiglu: str = "", pre=None, emit: bool = False):
     """y = x @ weight.T; also X's INT8 transposed digits and row scales for the weight gradient
-    (empty unless keep_x_int8), and what a fused SwiGLU's backward needs (`swiglu` "bf16" or
-    "int8": y is silu(gate) * up of the product's halves; fq.swiglu.swiglu_forward), else two
-    empty tensors."""
-    xq = ops.quantize_act(x, tile, thr[FORWARD], threshold, fallback, transposed=keep_x_int8, stats=counts)
+    (empty unless keep_x_int8), what a fused SwiGLU's backward needs (`swiglu` "bf16" or "int8":
+    y is silu(gate) * up of the product's halves; fq.swiglu.swiglu_forward), else two empty
+    tensors, and with `emit` y's statistics for the next layer's `pre` (rowmax, counts; None
+    where the kernels do not take them: then the next layer takes its own). `pre`: x's, from
+    the layer before."""
+    xq = ops.quantize_act(x, tile, thr[FORWARD], threshold, fallback, transposed=keep_x_int8, stats=counts, pre=pre)
     wq, ws = ops.quantize_rows(weight)
     y = ops.gemm_a_fallback(xq, wq, ws, out_dtype)
+    out_pre = None
     if swiglu:
-        y, *saved = swiglu_forward(y, swiglu == "int8")
+        y, *saved, out_pre = ops.swiglu(y, swiglu == "int8", tile, emit)
     else:
         saved = (x.new_empty(0), x.new_empty(0))
     if not keep_x_int8:
-        return y, x.new_empty(0, dtype=torch.int8), x.new_empty(0, dtype=torch.float32), *saved
-    return y, xq.qt, xq.scale_t, *saved
+        return y, x.new_empty(0, dtype=torch.int8), x.new_empty(0, dtype=torch.float32), *saved, out_pre
+    return y, xq.qt, xq.scale_t, *saved, out_pre
 
 
 def linear_backward(ops, dy, weight, qt, scale_t, x, thr, counts, tile: int, threshold: float, fallback: bool,
@@ -158,7 +161,8 @@ class _EagerLinear(torch.autograd.Function):
     or the Triton kernels outside torch.compile (where fq/ops.py's op would only add dispatch)."""
 
     @staticmethod
-    def forward(ctx, x, weight, layer: FQLinear, out_dtype: torch.dtype, ops, swiglu: str):
+    def forward(ctx, x, weight, layer: FQLinear, out_dtype: torch.dtype, ops, swiglu: str, emit: bool,
+                pre_rowmax, pre_counts):
         cfg = layer.fq_config
         # Activation checkpointing runs this forward again inside the backward. The rerun must
         # give the same output, so it takes the thresholds the first run used, and it leaves the
@@ -172,17 +176,21 @@ class _EagerLinear(torch.autograd.Function):
             thr = layer.fq_thr
             if layer.budget():
                 layer._thr_used = thr.clone()
+        pre = None if pre_rowmax is None else (pre_rowmax, pre_counts)
         with torch.autocast(x.device.type, enabled=False):
-            y, qt, scale_t, *saved = linear_forward(ops, x, weight, thr, counts, cfg.tile, cfg.threshold,
-                                                    cfg.fallback != "none", cfg.grad_weight, out_dtype, swiglu)
+            y, qt, scale_t, *saved, out_pre = linear_forward(ops, x, weight, thr, counts, cfg.tile, cfg.threshold,
+                                                             cfg.fallback != "none", cfg.grad_weight, out_dtype,
+                                                             swiglu, pre, emit)
         if not rerun:
             layer._budget(FORWARD, counts)
         ctx.layer, ctx.ops, ctx.x_dtype, ctx.swiglu = layer, ops, x.dtype, swiglu
         ctx.save_for_backward(weight, qt, scale_t, None if cfg.grad_weight else x, *saved)
-        return y
+        out_pre = out_pre or (x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.int64))
+        ctx.mark_non_differentiable(*out_pre)
+        return y, *out_pre
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy, _rowmax, _counts):
         weight, qt, scale_t, x, *saved = ctx.saved_tensors
         layer = ctx.layer
         cfg = layer.fq_config
@@ -193,7 +201,7 @@ class _EagerLinear(torch.autograd.Function):
                                      layer.next_seeds(), ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                                      ctx.x_dtype, ctx.swiglu, saved)
         layer._budget(GRAD, counts)
-        return dx, dw, None, None, None, None
+        return dx, dw, None, None, None, None, None, None, None
 
 
 # Under torch.compile (train.compile) this runs as it is: the reference is eager code with
@@ -270,33 +278,56 @@ class FQLinear(nn.Linear):
         if self.budget():
             account(self.fq_stats, self.fq_thr, which, counts, self.fq_config.threshold, self.budget())
 
-    def forward(self, x: torch.Tensor, swiglu: str = "") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, swiglu: str = "", pre: tuple | None = None, return_stats: bool = False):
         """x @ weight.T + bias; `swiglu` "bf16" or "int8" (a gate/up projection without bias, whose
         output rows are gate, then up): silu(gate) * up instead, with the SwiGLU backward fused into
-        this layer's, its product kept for it in BF16 or INT8 (fq/swiglu.py)."""
+        this layer's, its product kept for it in BF16 or INT8 (fq/swiglu.py). With
+        `return_stats` (a fused SwiGLU only) (h, stats): stats is what the next FQLinear's
+        quantization would first take of h, for its `pre` (where `takes_stats_from` holds), so
+        it skips that pass; None where the kernels do not compute them (it then takes its own)."""
         if swiglu not in ("", "bf16", "int8"):
             raise ValueError(f"FQLinear: swiglu={swiglu!r}; use '', 'bf16' or 'int8'")
         if swiglu and self.bias is not None:
             raise ValueError("FQLinear: a fused SwiGLU takes a projection without bias")
+        if return_stats and not swiglu:
+            raise ValueError("FQLinear: return_stats needs a fused SwiGLU (swiglu='bf16' or 'int8')")
         dtype = _compute_dtype(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
+        if pre is not None:
+            want = (x2.shape[0], reference.num_tiles(x2.shape[1], self.fq_config.tile))
+            if tuple(pre[0].shape) != want:
+                raise ValueError(f"FQLinear {self.fq_name}: `pre` has row maxima of shape {tuple(pre[0].shape)}, "
+                                 f"not {want}: it must come from the layer that produced x, with the same fq.tile")
         if x2.shape[0] == 0:
             y = F.linear(x, self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype))
-            return swiglu_forward(y, False)[0] if swiglu else y
+            y = swiglu_forward(y, False)[0] if swiglu else y
+            return (y, None) if return_stats else y
         # CPU tensors take the reference, except under the Triton interpreter (tests).
         use_triton = self.fq_backend == "triton" and (x.is_cuda or _triton_ops().INTERPRET)
         self.last_backend = "triton" if use_triton else "reference"
+        pre_rowmax, pre_counts = pre if pre is not None else (None, None)
         if torch.compiler.is_compiling() and self.compile_blocker(x.is_cuda) is None:
             from fq import ops
 
-            y = ops.fq_linear(x2, self.weight, self, dtype, swiglu)
+            y, rowmax, counts = ops.fq_linear(x2, self.weight, self, dtype, swiglu, return_stats, pre_rowmax,
+                                              pre_counts)
         else:
-            y = _eager_linear(x2, self.weight, self, dtype, _triton_ops() if use_triton else reference, swiglu)
+            y, rowmax, counts = _eager_linear(x2, self.weight, self, dtype,
+                                              _triton_ops() if use_triton else reference, swiglu, return_stats,
+                                              pre_rowmax, pre_counts)
         y = y.reshape(*lead, y.shape[-1])
         if self.bias is not None:
             y = y + self.bias.to(dtype)
+        if return_stats:
+            return y, ((rowmax, counts) if rowmax.numel() else None)
         return y
+
+    def takes_stats_from(self, producer: FQLinear) -> bool:
+        """Whether this layer can take `producer`'s return_stats as its `pre`: the same kernels and
+        tile size."""
+        return (isinstance(producer, FQLinear) and producer.fq_backend == self.fq_backend
+                and producer.fq_config.tile == self.fq_config.tile)
 
 
 def _selected(name: str, config: FQConfig) -> bool:

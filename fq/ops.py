@@ -43,17 +43,25 @@ CODE = source_hash()
 def _linear(x: torch.Tensor, weight: torch.Tensor, thr: torch.Tensor, thr_state: torch.Tensor, stats: torch.Tensor,
             seed_calls: torch.Tensor, seed_base: torch.Tensor, tile: int, threshold: float, fallback: bool,
             budget: float, grad_input: bool, grad_weight: bool, stochastic: bool,
-            out_dtype: torch.dtype, swiglu: str,
-            code: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            out_dtype: torch.dtype, swiglu: str, emit: bool, pre_rowmax: torch.Tensor | None,
+            pre_counts: torch.Tensor | None,
+            code: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                torch.Tensor, torch.Tensor]:
     """y, X's INT8 for dW (qt, scale_t; empty unless grad_weight), a fused SwiGLU's saved pair
-    (empty without `swiglu`), counts. `thr`: the thresholds this call quantizes with;
+    (empty without `swiglu`), counts, and with `emit` y's statistics for the next layer (rowmax,
+    their counts; empty where the kernels do not take them). `pre_rowmax`, `pre_counts`: x's, from
+    the layer before, or None. `thr`: the thresholds this call quantizes with;
     `thr_state` (the layer's), `stats`, the seed counter and base, `budget`, `grad_input` and
     `stochastic` are only carried to the backward; `code` is CODE."""
     counts = torch.zeros(NUM_STATS, dtype=torch.int64, device=x.device)
+    pre = None if pre_rowmax is None else (pre_rowmax, pre_counts)
     with triton_kernels.traceable_launches():
-        y, qt, scale_t, saved, saved_scale = linear_forward(triton_kernels, x, weight, thr, counts, tile, threshold,
-                                                            fallback, grad_weight, out_dtype, swiglu)
-    return y, qt, scale_t, saved, saved_scale, counts
+        y, qt, scale_t, saved, saved_scale, out_pre = linear_forward(triton_kernels, x, weight, thr, counts, tile,
+                                                                     threshold, fallback, grad_weight, out_dtype,
+                                                                     swiglu, pre, emit)
+    if out_pre is None:
+        out_pre = x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.int64)
+    return y, qt, scale_t, saved, saved_scale, counts, *out_pre
 
 
 @triton_op("fq::linear_backward", mutates_args=())
@@ -75,9 +83,9 @@ def _linear_backward(dy: torch.Tensor, weight: torch.Tensor, qt: torch.Tensor, s
 
 def _setup_context(ctx, inputs, output):
     (x, weight, _, thr, stats, seed_calls, seed_base, tile, threshold, fallback, budget, grad_input, grad_weight,
-     stochastic, _, swiglu, _) = inputs
-    _, qt, scale_t, saved, saved_scale, counts = output
-    ctx.mark_non_differentiable(qt, scale_t, saved, saved_scale, counts)
+     stochastic, _, swiglu, *_) = inputs
+    _, qt, scale_t, saved, saved_scale, counts, rowmax, hcounts = output
+    ctx.mark_non_differentiable(qt, scale_t, saved, saved_scale, counts, rowmax, hcounts)
     ctx.save_for_backward(weight, qt, scale_t, None if grad_weight else x, saved, saved_scale)
     # The layer's totals, thresholds and seed counter: updated in place by the backward, not
     # inputs to it.
@@ -87,7 +95,7 @@ def _setup_context(ctx, inputs, output):
     ctx.budget, ctx.x_dtype, ctx.swiglu = budget, x.dtype, swiglu
 
 
-def _backward(ctx, dy, _qt, _scale_t, _saved, _saved_scale, _counts):
+def _backward(ctx, dy, _qt, _scale_t, _saved, _saved_scale, _counts, _rowmax, _hcounts):
     weight, qt, scale_t, x, saved, saved_scale = ctx.saved_tensors
     tile, threshold, fallback, grad_input, grad_weight = ctx.args
     need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -96,23 +104,25 @@ def _backward(ctx, dy, _qt, _scale_t, _saved, _saved_scale, _counts):
                                                   fallback, grad_input, grad_weight, need_dx, need_dw, ctx.x_dtype,
                                                   ctx.swiglu, saved, saved_scale, CODE)
     account(ctx.stats, ctx.thr, GRAD, counts, threshold, ctx.budget)
-    return (dx if need_dx else None, dw if need_dw else None) + (None,) * 15
+    return (dx if need_dx else None, dw if need_dw else None) + (None,) * 18
 
 
 _linear.register_autograd(_backward, setup_context=_setup_context)
 
 
-def fq_linear(x: torch.Tensor, weight: torch.Tensor, layer, out_dtype: torch.dtype, swiglu: str = "") -> torch.Tensor:
-    """y = x @ weight.T (`swiglu`: silu(gate) * up of it) through the op, with the layer's
-    telemetry and thresholds."""
+def fq_linear(x: torch.Tensor, weight: torch.Tensor, layer, out_dtype: torch.dtype, swiglu: str = "",
+              emit: bool = False, pre_rowmax: torch.Tensor | None = None, pre_counts: torch.Tensor | None = None):
+    """(y, rowmax, counts): y = x @ weight.T (`swiglu`: silu(gate) * up of it) through the op, with
+    the layer's telemetry and thresholds, and (`emit`) y's statistics for the next layer (empty
+    where the kernels do not take them); `pre_*`: x's, from the layer before."""
     cfg = layer.fq_config
     budget = layer.budget()
     # Under a budget `account` updates the thresholds in place after this call; a copy keeps
     # activation checkpointing's rerun of the op on the thresholds this call used.
     thr = layer.fq_thr.clone() if budget else layer.fq_thr
-    y, *_, counts = torch.ops.fq.linear(x, weight, thr, layer.fq_thr, layer.fq_stats, layer.fq_seed_calls,
-                                        layer.fq_seed_base, cfg.tile, cfg.threshold, cfg.fallback != "none", budget,
-                                        cfg.grad_input, cfg.grad_weight, cfg.stochastic_rounding, out_dtype, swiglu,
-                                        CODE)
+    y, *_, counts, rowmax, hcounts = torch.ops.fq.linear(
+        x, weight, thr, layer.fq_thr, layer.fq_stats, layer.fq_seed_calls, layer.fq_seed_base, cfg.tile,
+        cfg.threshold, cfg.fallback != "none", budget, cfg.grad_input, cfg.grad_weight, cfg.stochastic_rounding,
+        out_dtype, swiglu, emit, pre_rowmax, pre_counts, CODE)
     account(layer.fq_stats, layer.fq_thr, FORWARD, counts, cfg.threshold, budget)
-    return y
+    return y, rowmax, hcounts

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fq.swiglu import swiglu_backward
+from fq.swiglu import swiglu_backward, swiglu_forward
 
 QMAX = 127.0
 # Entries of the stats vector: counts of one quantization, or a layer's running totals.
@@ -179,10 +179,11 @@ def row_scales(rowmax: torch.Tensor, flags: torch.Tensor, tile: int) -> tuple[to
 
 def quantize_act(x: torch.Tensor, tile: int, threshold: torch.Tensor | float, base_threshold: float,
                  fallback: bool, seed: int | None = None, transposed: bool = False,
-                 stats: torch.Tensor | None = None) -> TileQuant:
+                 stats: torch.Tensor | None = None, pre: None = None) -> TileQuant:
     """Quantize an activation operand (M, K) along its rows, with fallback tiles; `transposed`
     also returns the plain row-wise (K, M) digits the weight-gradient GEMM reads. The counts are
-    added into `stats` (int64 (5,), e.g. a layer's running totals) when given, else returned fresh."""
+    added into `stats` (int64 (5,), e.g. a layer's running totals) when given, else returned fresh.
+    `pre` is the Triton path's (x's statistics from its swiglu); the reference's swiglu gives None."""
     xt = _tiles(x, tile)
     rowmax, flags, call_stats = _tile_stats(xt, *x.shape, tile, threshold, base_threshold, fallback)
     a = quantize_with_flags(x, xt, rowmax, flags, call_stats, tile, seed, transposed)
@@ -200,6 +201,12 @@ def quantize_grad(dy: torch.Tensor, tile: int, threshold: torch.Tensor | float, 
     Triton path's (statistics computed by its swiglu_grad); the reference's swiglu_grad gives None."""
     return (quantize_act(dy, tile, threshold, base_threshold, fallback, seed=seed, stats=stats),
             *quantize_cols_t(dy, row_mult, seed_t))
+
+
+def swiglu(y: torch.Tensor, int8: bool, tile: int, with_stats: bool):
+    """fq.swiglu.swiglu_forward; the next layer's quantize_act takes h's statistics itself (the
+    Triton path computes them here, in the same kernel)."""
+    return (*swiglu_forward(y, int8), None)
 
 
 def swiglu_grad(dh: torch.Tensor, saved: torch.Tensor, scale: torch.Tensor, int8: bool,

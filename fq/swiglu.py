@@ -12,7 +12,9 @@ into the backward's.
 Under FQ the gate/up projection computes SwiGLU itself (`FQLinear(x, swiglu=...)`, with
 `swiglu_forward` / `swiglu_backward` below): its backward then takes the gradient of
 silu(gate) * up, and the Triton path computes the projection's own gradient in the same kernel
-as the statistics its quantization needs (fq/triton_kernels.py, `swiglu_grad`).
+as the statistics its quantization needs (fq/triton_kernels.py, `swiglu_grad`). Its forward
+(`swiglu`) likewise takes, as it writes h, the statistics the down projection's quantization of
+h starts from.
 """
 from __future__ import annotations
 

@@ -7,7 +7,10 @@
   the GEMM; one program per tile then writes the plain tiles' INT8 digits, and a few programs
   per tile row the fallback tiles' digits and multipliers, from the lists.
   Counts go by atomics straight into the caller's running totals (no extra launch).
-- `_swiglu_grad_kernel`: under a fused SwiGLU (FQLinear's `swiglu`), the gate/up projection's
+- `_swiglu_kernel`: under a fused SwiGLU (FQLinear's `swiglu`), silu(gate) * up of the gate/up
+  projection's output, what its backward keeps (INT8 groups under fq.swiglu_int8), and the
+  statistics of the stats kernel for the down projection's quantization, in one pass.
+- `_swiglu_grad_kernel`: under a fused SwiGLU, the gate/up projection's
   output gradient from the gradient of silu(gate) * up, with the statistics of the stats kernel
   in the same pass, so quantize_grad starts at the scales kernel.
 - `_line_quant_kernel`: per-row or per-column INT8 (weights; dY for the weight gradient only when
@@ -44,7 +47,7 @@ from triton.language.extra import libdevice
 from torch.library import wrap_triton
 
 from fq.reference import NUM_STATS, SPREAD, TileQuant, num_tiles
-from fq.swiglu import GROUP, swiglu_backward
+from fq.swiglu import GROUP, swiglu_backward, swiglu_forward
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 log = logging.getLogger("fqtrain.fq")
@@ -129,6 +132,56 @@ def _tile_stats(x, rows, cols, M, K, KT, pid_k, crow, rowmax_ptr, stats_ptr, mul
         tl.store(colmax_ptr + crow * K + cols, tl.max(ay, axis=0), mask=cols < K)
     if tl.max(rowmax, axis=0) == float("inf"):
         tl.atomic_add(stats_ptr + 3, tl.sum(tl.sum((ax == float("inf")).to(tl.int32), axis=1), axis=0).to(tl.int64))
+
+
+@triton.jit
+def _swiglu_kernel(y_ptr, s_ym, s_yk, h_ptr, q_ptr, qs_ptr, M, F, G, KT, TILES, rowmax_ptr, stats_ptr,
+                   TILE: tl.constexpr, ROWS: tl.constexpr, GROUP: tl.constexpr, INT8: tl.constexpr,
+                   STATS: tl.constexpr):
+    """h = silu(gate) * up of a gate/up projection's output y = [gate | up] (M, 2F), computed in
+    float32 and rounded once (as inductor computes it); program (k, r) takes ROWS rows of GROUP
+    columns k of gate and of up. INT8: also what fq.swiglu.swiglu_forward keeps of y for the
+    backward, digits (M, 2F) and one scale per row and GROUP columns (M, 2, G). STATS: what
+    _act_stats_kernel would take of h (its row absmax per TILE columns, non-finite values,
+    TILES tiles), for the next layer's quantize_act."""
+    pid_k = tl.program_id(0)
+    rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+    j = pid_k * GROUP + tl.arange(0, GROUP)
+    rmask = rows < M
+    mask = rmask[:, None] & (j < F)[None, :]
+    yr = y_ptr + rows[:, None] * s_ym + j[None, :] * s_yk
+    g = tl.load(yr, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(yr + F * s_yk, mask=mask, other=0.0).to(tl.float32)
+    h = (g * tl.sigmoid(g) * u).to(h_ptr.dtype.element_ty)
+    tl.store(h_ptr + rows[:, None] * F + j[None, :], h, mask=mask)
+    if INT8:
+        _swiglu_save_int8(g, rows, j, M, F, G, pid_k, mask, q_ptr, qs_ptr)
+        _swiglu_save_int8(u, rows, F + j, M, F, G, G + pid_k, mask, q_ptr, qs_ptr)
+    if STATS:
+        hf = h.to(tl.float32)
+        ah = tl.where(hf != hf, float("inf"), tl.abs(hf))
+        rowmax = tl.max(tl.reshape(ah, (ROWS, GROUP // TILE, TILE)), axis=2)
+        kt = pid_k * (GROUP // TILE) + tl.arange(0, GROUP // TILE)
+        tl.store(rowmax_ptr + rows[:, None] * KT + kt[None, :], rowmax, mask=rmask[:, None] & (kt < KT)[None, :])
+        bad = tl.sum(tl.sum((ah == float("inf")).to(tl.int32), axis=1), axis=0)
+        if bad > 0:
+            tl.atomic_add(stats_ptr + 3, bad.to(tl.int64))
+        if (pid_k == 0) & (tl.program_id(1) == 0):
+            tl.atomic_add(stats_ptr + 4, tl.full((), 0, tl.int64) + TILES)
+
+
+@triton.jit
+def _swiglu_save_int8(v, rows, cols, M, F, G, group, mask, q_ptr, qs_ptr):
+    """fq.swiglu._quantize of one GROUP of v's rows: scale absmax / 127 (NaN where a NaN sits, as
+    torch's amax gives, Inf where an Inf does), digits round(v / scale), ties to even, 0 in an
+    all-zero group."""
+    nan = tl.max((v != v).to(tl.int32), axis=1) > 0
+    scale = tl.math.div_rn(tl.max(tl.where(v != v, 0.0, tl.abs(v)), axis=1), 127.0)
+    scale = tl.where(nan, float("nan"), scale)
+    z = tl.where(scale[:, None] > 0, tl.math.div_rn(v, scale[:, None]), 0.0)
+    q = tl.minimum(tl.maximum(_rint(z), -127.0), 127.0)
+    tl.store(q_ptr + rows[:, None] * (2 * F) + cols[None, :], q.to(tl.int8), mask=mask)
+    tl.store(qs_ptr + rows * (2 * G) + group, scale, mask=rows < M)
 
 
 @triton.jit
@@ -673,10 +726,12 @@ def _seed_arg(seed: Seed, device: torch.device) -> torch.Tensor:
 
 def quantize_act(x: torch.Tensor, tile: int, threshold: torch.Tensor | float, base_threshold: float,
                  fallback: bool, seed: Seed = None, transposed: bool = False,
-                 stats: torch.Tensor | None = None) -> TileQuant:
+                 stats: torch.Tensor | None = None, pre=None) -> TileQuant:
     """Four launches: row absmax per tile, flags and row scales (+ the GEMM's fallback lists),
-    plain tiles' digits, fallback tiles' digits (none under fq.fallback=none)."""
-    return _quantize_act(x, tile, threshold, base_threshold, fallback, seed, transposed, stats)[0]
+    plain tiles' digits, fallback tiles' digits (none under fq.fallback=none). `pre`: x's
+    statistics from `swiglu` (rowmax, counts), whose counts are added to `stats`, and no
+    statistics pass."""
+    return _quantize_act(x, tile, threshold, base_threshold, fallback, seed, transposed, stats, pre=pre)[0]
 
 
 def quantize_grad(dy: torch.Tensor, tile: int, threshold: torch.Tensor | float, base_threshold: float,
@@ -697,6 +752,42 @@ def quantize_grad(dy: torch.Tensor, tile: int, threshold: torch.Tensor | float, 
 # it takes 1.34 and 1.21 ms (not yet timed in training). For comparison, inductor's SwiGLU backward
 # alone takes 0.91 ms, or 1.24 in INT8, and the stats kernel after it another 0.60.
 SWIGLU_ROWS = 16
+
+
+def swiglu(y: torch.Tensor, int8: bool, tile: int, with_stats: bool):
+    """fq.swiglu.swiglu_forward (h, saved, scale) in one launch, and with_stats h's statistics as
+    quantize_act's `pre` would take them (rowmax, counts), else None. A width that is not a
+    multiple of GROUP runs swiglu_forward in torch, without statistics (and says so, once)."""
+    m, k = y.shape
+    n = k // 2
+    if n % GROUP:
+        why = f"the SwiGLU width {n} is not a multiple of {GROUP}"
+        if why not in _NOTED:
+            _NOTED.add(why)
+            log.info("fq: %s, so SwiGLU's forward runs in torch and the next layer's statistics take their own "
+                     "pass", why)
+        return (*swiglu_forward(y, int8), None)
+    dev = y.device
+    h = torch.empty(m, n, dtype=y.dtype, device=dev)
+    g = n // GROUP
+
+    def unused():  # fresh, as in _quantize_act
+        return torch.empty(1, dtype=torch.float32, device=dev)
+
+    q = torch.empty(m, k, dtype=torch.int8, device=dev) if int8 else unused()
+    qs = torch.empty(m, 2, g, dtype=torch.float32, device=dev) if int8 else unused()
+    kt = num_tiles(n, tile)
+    rowmax = torch.empty(m, kt, dtype=torch.float32, device=dev) if with_stats else unused()
+    counts = torch.zeros(NUM_STATS, dtype=torch.int64, device=dev) if with_stats else unused()
+    # 16 rows, 4 warps, as _swiglu_grad_kernel: on the H100 (2026-11-24, M = 32768, F = 8192) 530 us
+    # without statistics and 542 with them, against 526 for inductor's SwiGLU; INT8 984 against 1062.
+    rows = 16
+    yk = _in_place(y)  # y itself is what the bf16 backward keeps: an op may not return a view
+    _traceable(_swiglu_kernel)[(g, triton.cdiv(m, rows))](
+        yk, yk.stride(0), yk.stride(1), h, q, qs, m, n, g, kt, num_tiles(m, tile) * kt, rowmax, counts, TILE=tile,
+        ROWS=rows, GROUP=GROUP, INT8=int8, STATS=with_stats, num_warps=4)
+    saved, scale = (q, qs) if int8 else (y, y.new_empty(0))
+    return h, saved, scale, ((rowmax, counts) if with_stats else None)
 
 
 def swiglu_grad(dh: torch.Tensor, saved: torch.Tensor, scale: torch.Tensor, int8: bool,
@@ -749,7 +840,8 @@ def _in_place(x: torch.Tensor) -> torch.Tensor:
 def _quantize_act(x, tile, threshold, base_threshold, fallback, seed, transposed, stats, row_mult=None, seed_t=None,
                   pre=None):
     """quantize_act; with row_mult, the transposed digits are per column of x * row_mult[:, None]
-    (returned with their scales) instead of per row; with `pre` (quantize_grad), no statistics pass."""
+    (returned with their scales) instead of per row; with `pre` (quantize_act's or
+    quantize_grad's), no statistics pass."""
     x = _in_place(x)
     m, k = x.shape
     dev = x.device
@@ -767,8 +859,11 @@ def _quantize_act(x, tile, threshold, base_threshold, fallback, seed, transposed
     # pass is fastest with 8 warps, 4 when it also takes column maxima (1.6-1.8 TB/s at M = 32768
     # against 1.2 with 8).
     warps = 8 if tile == 128 else 4
-    if pre is not None:
+    if pre is not None and cols:
         rowmax, colmax = pre
+    elif pre is not None:
+        rowmax, colmax = pre[0], unused()
+        stats.add_(pre[1])
     else:
         rowmax = torch.empty(m, kt, dtype=torch.float32, device=dev)
         colmax = torch.empty(mt, k, dtype=torch.float32, device=dev) if cols else unused()

@@ -273,27 +273,109 @@ def test_swiglu_grad_of_a_width_off_the_tile_runs_in_torch_and_says_so(caplog):
     assert "not a multiple of fq.tile=32" in caplog.text
 
 
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("tile,m,n", [(32, 70, 128), (64, 130, 256), (128, 129, 384)])
+def test_swiglu_gives_h_the_saved_pair_and_the_statistics_of_the_stats_kernel(tile, m, n, int8):
+    """The SwiGLU forward kernel: h = silu(gate) * up in float32, rounded once to bf16 (as inductor
+    computes it; eager torch rounds silu first), what fq.swiglu.swiglu_forward keeps for the
+    backward (INT8: scales to a float32 rounding, NaN where a NaN sits, digits within one step),
+    and statistics from which the next layer's quantize_act gives exactly what its own stats pass
+    gives, counts included."""
+    from fq.swiglu import swiglu_forward
+    y = with_outliers(m, 2 * n, seed=tile + 6).to(torch.bfloat16)
+    y[:, 3], y[:, n + 3] = y[:, 3].abs(), 1.0  # gate's outlier channel, large in h too (silu(-1000) ~ 0)
+    y[9, :] = 0.0  # all-zero groups: scale 0, digits 0
+    y[5, n - 1], y[7, n + 2] = float("nan"), float("inf")
+    _, want_saved, want_scale = swiglu_forward(y, int8)
+    want_h = torch.nn.functional.silu(y[:, :n].float()) * y[:, n:].float()
+    h, saved, scale, pre = T.swiglu(y, int8, tile, True)
+    assert h.dtype == torch.bfloat16 and h.isnan().any()
+    torch.testing.assert_close(h.float(), want_h, rtol=2**-7, atol=1e-30, equal_nan=True)
+    if int8:
+        assert same(scale, want_scale) or torch.testing.assert_close(scale, want_scale, rtol=2**-23, atol=0,
+                                                                      equal_nan=True) is None
+        rows = torch.isfinite(want_scale).flatten(1).all(1)  # digits of non-finite groups are undefined
+        assert rows[9] and not rows[5] and not rows[7]
+        assert (saved[rows].int() - want_saved[rows].int()).abs().max() <= 1
+        assert torch.equal(saved[9], torch.zeros_like(saved[9])) and torch.equal(scale[9], torch.zeros_like(scale[9]))
+    else:
+        assert saved is y and scale.numel() == 0  # the bf16 backward keeps y itself
+    counts = torch.zeros(R.NUM_STATS, dtype=torch.int64, device=DEV)
+    a = T.quantize_act(h, tile, THR, THR, True, transposed=True, stats=counts, pre=pre)
+    b = T.quantize_act(h, tile, THR, THR, True, transposed=True)
+    a.flags = a.flags.bool()  # compared as the reference's
+    assert_same_quant(a, b, m, n)
+    assert a.flags.any() and int(counts[R.STAT_NONFINITE]) > 0
+    alone = T.swiglu(y, int8, tile, False)  # no statistics asked for
+    assert alone[3] is None and same(alone[0].float(), h.float())
+
+
+def test_swiglu_of_a_width_off_the_group_runs_in_torch_and_says_so(caplog):
+    from fq.swiglu import swiglu_forward
+    y = rand(40, 192, seed=33).to(torch.bfloat16)
+    with caplog.at_level("INFO", logger="fqtrain.fq"):
+        h, saved, scale, pre = T.swiglu(y, True, 32, True)
+    want = swiglu_forward(y, True)
+    assert pre is None and torch.equal(h, want[0]) and torch.equal(saved, want[1]) and torch.equal(scale, want[2])
+    assert "SwiGLU width 96 is not a multiple of 128" in caplog.text
+
+
 @pytest.mark.parametrize("swiglu", ["bf16", "int8"])
 def test_fqlinear_with_fused_swiglu_matches_the_reference_and_the_unfused_layer(swiglu):
     from fq.swiglu import swiglu as swiglu_unfused
     cfg = FQConfig(tile=32)
-    ref = FQLinear(64, 128, bias=False, config=cfg, backend="reference").to(DEV)
+    ref = FQLinear(64, 256, bias=False, config=cfg, backend="reference").to(DEV)
     tri = FQLinear.from_linear(ref, cfg, "tri", "triton")
     x = with_outliers(70, 64, seed=20)
-    g = rand(70, 64, seed=21)
+    g = rand(70, 128, seed=21)
     outs = {}
     for name, fn in [("ref", lambda x: ref(x, swiglu=swiglu)), ("tri", lambda x: tri(x, swiglu=swiglu)),
                      ("unfused", lambda x: swiglu_unfused(*tri(x).chunk(2, dim=-1), swiglu == "int8"))]:
         xi = x.clone().requires_grad_(True)
         h = fn(xi)
         outs[name] = (h, *torch.autograd.grad(h, (xi, tri.weight if name != "ref" else ref.weight), g))
-    assert torch.equal(outs["tri"][0], outs["unfused"][0])  # the same forward
     for other in ("ref", "unfused"):
         for a, b in zip(outs[other], outs["tri"]):
             assert ((a - b).norm() / a.norm()) < 1e-6, other
     assert collect_stats(ref)["fallback_ratio"] > 0
     with pytest.raises(ValueError, match="swiglu"):
         tri(x, swiglu="fp8")
+
+
+@pytest.mark.parametrize("swiglu", ["bf16", "int8"])
+def test_down_proj_takes_the_statistics_of_h_from_the_gate_up_layer(swiglu):
+    """An MLP's pair of FQ layers: gate/up hands down_proj the statistics of h it took in its
+    SwiGLU kernel, and down_proj skips its stats pass; the outputs, gradients and both layers'
+    telemetry are the same as when down_proj takes its own. A `pre` from a layer of another tile
+    size is refused."""
+    cfg = FQConfig(tile=32)
+    up = FQLinear(64, 256, bias=False, config=cfg, name="up", backend="triton").to(DEV)
+    down = FQLinear(128, 64, bias=False, config=cfg, name="down", backend="triton").to(DEV)
+    up2, down2 = FQLinear.from_linear(up, cfg, "up", "triton"), FQLinear.from_linear(down, cfg, "down", "triton")
+    assert down.takes_stats_from(up)
+    x = with_outliers(70, 64, seed=40).reshape(2, 35, 64)
+    x[1, 3, 5] = float("nan")  # counted once, in down_proj's forward counts, either way
+    g = rand(2, 35, 64, seed=41)
+    res = []
+    for u, d, stats in ((up, down, True), (up2, down2, False)):
+        xi = x.clone().requires_grad_(True)
+        if stats:
+            h, pre = u(xi, swiglu=swiglu, return_stats=True)
+            assert pre is not None and pre[0].shape == (70, 4)
+            out = d(h, pre=pre)
+        else:
+            out = d(u(xi, swiglu=swiglu))
+        res.append((out, *torch.autograd.grad(out, (xi, u.weight, d.weight), g)))
+    for a, b in zip(*res):
+        assert same(a, b)
+    assert torch.equal(up.fq_stats, up2.fq_stats) and torch.equal(down.fq_stats, down2.fq_stats)
+    assert int(down.fq_stats[0, R.STAT_NONFINITE]) > 0
+    other = FQLinear(128, 64, bias=False, config=FQConfig(tile=64), backend="triton").to(DEV)
+    assert not other.takes_stats_from(up)
+    with pytest.raises(ValueError, match="same fq.tile"):
+        other(h, pre=pre)
+    with pytest.raises(ValueError, match="return_stats"):
+        up(x, return_stats=True)
 
 
 def test_fqlinear_triton_path_matches_reference_path():
@@ -321,14 +403,22 @@ def test_fqlinear_triton_path_matches_reference_path():
 @pytest.mark.parametrize("swiglu", ["", "int8"])
 def test_compile_op_matches_eager_path(swiglu):
     """fq/ops.py's op, which torch.compile traces (here run eagerly), computes what the eager
-    path computes: outputs, gradients, telemetry and budget thresholds; with a fused SwiGLU too."""
+    path computes: outputs, gradients, telemetry and budget thresholds; with a fused SwiGLU too,
+    and the statistics of its output it hands the next layer."""
     from fq import ops
     cfg = FQConfig(tile=32, fallback="budget", budget=0.2)
-    a = FQLinear(64, 128, bias=False, config=cfg, backend="triton").to(DEV)
+    a = FQLinear(64, 256, bias=False, config=cfg, backend="triton").to(DEV)
     b = FQLinear.from_linear(a, cfg, "b", "triton")  # same weight, its own totals and thresholds
     x = with_outliers(70, 64, seed=12)
     xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    ya, yb = a(xa, swiglu=swiglu), ops.fq_linear(xb, b.weight, b, torch.float32, swiglu)
+    emit = bool(swiglu)
+    ya = a(xa, swiglu=swiglu, return_stats=emit)
+    yb = ops.fq_linear(xb, b.weight, b, torch.float32, swiglu, emit)
+    if emit:
+        (ya, (rowmax, counts)), (yb, *pre_b) = ya, (yb[0], *yb[1:])
+        assert torch.equal(rowmax, pre_b[0]) and torch.equal(counts, pre_b[1]) and rowmax.shape == (70, 4)
+    else:
+        yb = yb[0]
     assert a.last_backend == "triton" and torch.equal(ya, yb)
     g = rand(*ya.shape, seed=13)
     for u, v in zip(torch.autograd.grad(ya, (xa, a.weight), g), torch.autograd.grad(yb, (xb, b.weight), g)):

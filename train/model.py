@@ -80,11 +80,15 @@ class MLP(nn.Module):
         self.swiglu_int8 = False
 
     def forward(self, x):
-        if isinstance(self.gate_up_proj, FQLinear):  # SwiGLU inside the layer: its backward fused in
-            h = self.gate_up_proj(x, swiglu="int8" if self.swiglu_int8 else "bf16")
-        else:
-            h = swiglu(*self.gate_up_proj(x).chunk(2, dim=-1), self.swiglu_int8)
-        return self.down_proj(h)
+        if not isinstance(self.gate_up_proj, FQLinear):
+            return self.down_proj(swiglu(*self.gate_up_proj(x).chunk(2, dim=-1), self.swiglu_int8))
+        # SwiGLU inside the layer: its backward fused in; and the statistics of h that down_proj's
+        # quantization starts from, taken as SwiGLU writes h
+        mode = "int8" if self.swiglu_int8 else "bf16"
+        if isinstance(self.down_proj, FQLinear) and self.down_proj.takes_stats_from(self.gate_up_proj):
+            h, stats = self.gate_up_proj(x, swiglu=mode, return_stats=True)
+            return self.down_proj(h, pre=stats)
+        return self.down_proj(self.gate_up_proj(x, swiglu=mode))
 
 
 class Block(nn.Module):
