@@ -13,9 +13,11 @@
 - `_swiglu_grad_kernel`: under a fused SwiGLU, the gate/up projection's
   output gradient from the gradient of silu(gate) * up, with the statistics of the stats kernel
   in the same pass, so quantize_grad starts at the scales kernel.
-- `_line_quant_kernel`: per-row or per-column INT8 (weights; dY for the weight gradient only when
-  the input-gradient GEMM is not quantized, else `quantize_grad` writes it) in one launch: each
-  program owns whole lines and reads them twice.
+- `_row_quant_kernel`: a weight's per-row INT8 in one launch; each program owns whole rows and
+  reads them twice.
+- `_col_absmax_kernel`, `_col_quant_kernel`: per-column INT8, written transposed (a weight for the
+  input gradient; dY for the weight gradient only when the input-gradient GEMM is not quantized,
+  else `quantize_grad` writes it): column maxima by atomics, then digits, block by block.
 - `_fq_gemm_tma_kernel`: INT8 tl.dot into one INT32 accumulator, row x column scales in the
   epilogue, over every tile's first digit (the weight-gradient GEMM, plain row-wise X, is only
   this); persistent, operands through TMA descriptors (sm_90+, 16-byte aligned rows).
@@ -102,26 +104,28 @@ def _round(z, seed, offs, STOCHASTIC: tl.constexpr):
 
 @triton.jit
 def _act_stats_kernel(x_ptr, s_xm, s_xk, M, K, KT, rowmax_ptr, stats_ptr, mult_ptr, colmax_ptr, TILE: tl.constexpr,
-                      COLS: tl.constexpr):
-    """Per tile: each row's absmax (inf where a NaN/Inf sits) and the non-finite count; COLS:
-    also each column's absmax of x * mult[row] over the tile's rows (MT, K), for per-column
-    digits in the same pass as the row digits (quantize_grad)."""
+                      ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Per ROWS rows of a tile: each row's absmax (inf where a NaN/Inf sits) and the non-finite
+    count; COLS: also each column's absmax of x * mult[row] over the tile's rows (MT, K, maxed
+    into zeros), for per-column digits in the same pass as the row digits (quantize_grad)."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rows = pid_m * TILE + tl.arange(0, TILE)
+    rows = pid_m * ROWS + tl.arange(0, ROWS)
     cols = pid_k * TILE + tl.arange(0, TILE)
     mask = (rows[:, None] < M) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None] * s_xm + cols[None, :] * s_xk, mask=mask, other=0.0).to(tl.float32)
-    _tile_stats(x, rows, cols, M, K, KT, pid_k, pid_m, rowmax_ptr, stats_ptr, mult_ptr, colmax_ptr, COLS)
+    _tile_stats(x, rows, cols, M, K, KT, pid_k, pid_m // (TILE // ROWS), rowmax_ptr, stats_ptr, mult_ptr,
+                colmax_ptr, COLS)
     if (pid_m == 0) & (pid_k == 0):
-        tl.atomic_add(stats_ptr + 4, (tl.num_programs(0) * tl.num_programs(1)).to(tl.int64))
+        tl.atomic_add(stats_ptr + 4, tl.full((), 0, tl.int64) + tl.cdiv(M, TILE) * KT)
 
 
 @triton.jit
 def _tile_stats(x, rows, cols, M, K, KT, pid_k, crow, rowmax_ptr, stats_ptr, mult_ptr, colmax_ptr,
                 COLS: tl.constexpr):
     """The statistics of rows x cols of one K tile (masked values zero): row absmax into
-    rowmax[:, pid_k], with COLS the column absmax of x * mult[row] into colmax's row `crow`,
+    rowmax[:, pid_k], with COLS the column absmax of x * mult[row] maxed into colmax's row `crow`
+    (zeroed; an integer atomic max on the floats' bits, which order as non-negative floats do),
     and the count of non-finite values."""
     ax = tl.where(x != x, float("inf"), tl.abs(x))
     rowmax = tl.max(ax, axis=1)
@@ -129,7 +133,8 @@ def _tile_stats(x, rows, cols, M, K, KT, pid_k, crow, rowmax_ptr, stats_ptr, mul
     if COLS:
         y = _mul(x, tl.load(mult_ptr + rows, mask=rows < M, other=1.0)[:, None])
         ay = tl.where(y != y, float("inf"), tl.abs(y))
-        tl.store(colmax_ptr + crow * K + cols, tl.max(ay, axis=0), mask=cols < K)
+        tl.atomic_max(colmax_ptr.to(tl.pointer_type(tl.int32)) + crow * K + cols,
+                      tl.max(ay, axis=0).to(tl.int32, bitcast=True), mask=cols < K, sem="relaxed")
     if tl.max(rowmax, axis=0) == float("inf"):
         tl.atomic_add(stats_ptr + 3, tl.sum(tl.sum((ax == float("inf")).to(tl.int32), axis=1), axis=0).to(tl.int64))
 
@@ -192,8 +197,8 @@ def _swiglu_grad_kernel(dh_ptr, s_hm, s_hk, y_ptr, s_ym, ys_ptr, dy_ptr, M, F, G
     from dh, the gradient of silu(gate) * up, and y as swiglu_forward kept it (INT8: digits and
     per-GROUP scales (M, 2, G)). F is a multiple of TILE, and GROUP of TILE: program (k, r) takes
     ROWS rows of gate tile k and of up tile k + F / TILE, which read the same dh, gate and up.
-    STATS: also what _act_stats_kernel (COLS) gives for those dY tiles, the column maxima per
-    ROWS rows (TILES: dY's tile count)."""
+    STATS: also what _act_stats_kernel (COLS) gives for those dY tiles (TILES: dY's tile
+    count)."""
     pid_k = tl.program_id(0)
     pid_r = tl.program_id(1)
     rows = pid_r * ROWS + tl.arange(0, ROWS)
@@ -215,9 +220,10 @@ def _swiglu_grad_kernel(dh_ptr, s_hm, s_hk, y_ptr, s_ym, ys_ptr, dy_ptr, M, F, G
     tl.store(out, dg, mask=mask)
     tl.store(out + F, du, mask=mask)
     if STATS:
-        _tile_stats(dg.to(tl.float32), rows, j, M, 2 * F, KT, pid_k, pid_r, rowmax_ptr, stats_ptr, mult_ptr,
+        crow = pid_r // (TILE // ROWS)
+        _tile_stats(dg.to(tl.float32), rows, j, M, 2 * F, KT, pid_k, crow, rowmax_ptr, stats_ptr, mult_ptr,
                     colmax_ptr, True)
-        _tile_stats(du.to(tl.float32), rows, F + j, M, 2 * F, KT, pid_k + F // TILE, pid_r, rowmax_ptr, stats_ptr,
+        _tile_stats(du.to(tl.float32), rows, F + j, M, 2 * F, KT, pid_k + F // TILE, crow, rowmax_ptr, stats_ptr,
                     mult_ptr, colmax_ptr, True)
         if (pid_k == 0) & (pid_r == 0):
             tl.atomic_add(stats_ptr + 4, tl.full((), 0, tl.int64) + TILES)
@@ -356,7 +362,7 @@ def _store_transposed(x, rows, cols, M, K, mask, qt_ptr, inv_t_ptr, inv_c_ptr, s
     if COLS:
         zt = _mul(zt, tl.load(inv_c_ptr + cols, mask=cols < K, other=1.0)[None, :])
     zt = tl.where((zt == zt) & (tl.abs(zt) < float("inf")), zt, 0.0)
-    offs_t = cols[None, :] * M + rows[:, None]  # the stream _line_quant_kernel uses for columns
+    offs_t = cols[None, :] * M + rows[:, None]  # the stream _col_quant_kernel uses
     qt = tl.minimum(tl.maximum(_round(zt, seed_t, offs_t, STOCHASTIC), -127.0), 127.0)
     tl.store(qt_ptr + offs_t, qt.to(tl.int8), mask=mask)
 
@@ -411,39 +417,77 @@ def _quant_fallback_tile(x_ptr, s_xm, s_xk, M, K, rows, cols, inv_ptr, q_ptr, q2
 
 
 @triton.jit
-def _line_quant_kernel(x_ptr, s_l, s_d, L, D, mult_ptr, q_ptr, scale_ptr, seed_ptr,
-                       HAS_MULT: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Per-line INT8 of x seen as L lines of D values (any strides), written (L, D) contiguous.
-    A program owns whole lines and makes two passes over them (absmax, then digits): one launch
-    per operand. Lines are a weight's rows (forward) or columns (input gradient), or dY's
-    columns times X's row scales `mult` (weight gradient)."""
-    lines = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+def _row_quant_kernel(x_ptr, s_xm, s_xk, M, K, q_ptr, scale_ptr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per-row INT8 of x (M, K), a weight in the forward: a program owns BLOCK_L whole rows and
+    makes two passes over them (absmax, then digits), the second from the cache."""
+    rows = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
     ds = tl.arange(0, BLOCK_D)
-    lmask = lines < L
-    seed = _seed(seed_ptr, STOCHASTIC)
+    rmask = rows < M
     acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        mask = lmask[:, None] & (d0 + ds[None, :] < D)
-        y = tl.load(x_ptr + lines[:, None] * s_l + (d0 + ds)[None, :] * s_d, mask=mask, other=0.0).to(tl.float32)
-        if HAS_MULT:
-            y = _mul(y, tl.load(mult_ptr + d0 + ds, mask=d0 + ds < D, other=1.0)[None, :])
+    for d0 in range(0, K, BLOCK_D):
+        mask = rmask[:, None] & (d0 + ds[None, :] < K)
+        y = tl.load(x_ptr + rows[:, None] * s_xm + (d0 + ds)[None, :] * s_xk, mask=mask, other=0.0).to(tl.float32)
         ay = tl.abs(y)
         acc = tl.maximum(acc, tl.where((y != y) | (ay == float("inf")), float("inf"), ay))
     am = tl.max(acc, axis=1)
     pos = am > 0
     scale = tl.where(pos, tl.math.div_rn(am, 127.0), 1.0)
     inv = tl.where(pos, tl.math.div_rn(127.0, am), 1.0)
-    tl.store(scale_ptr + lines, tl.where(am == float("inf"), float("nan"), scale), mask=lmask)
-    for d0 in range(0, D, BLOCK_D):
-        mask = lmask[:, None] & (d0 + ds[None, :] < D)
-        y = tl.load(x_ptr + lines[:, None] * s_l + (d0 + ds)[None, :] * s_d, mask=mask, other=0.0).to(tl.float32)
-        if HAS_MULT:
-            y = _mul(y, tl.load(mult_ptr + d0 + ds, mask=d0 + ds < D, other=1.0)[None, :])
+    tl.store(scale_ptr + rows, tl.where(am == float("inf"), float("nan"), scale), mask=rmask)
+    for d0 in range(0, K, BLOCK_D):
+        mask = rmask[:, None] & (d0 + ds[None, :] < K)
+        y = tl.load(x_ptr + rows[:, None] * s_xm + (d0 + ds)[None, :] * s_xk, mask=mask, other=0.0).to(tl.float32)
         z = _mul(y, inv[:, None])
         z = tl.where((z == z) & (tl.abs(z) < float("inf")), z, 0.0)
-        offs = lines[:, None] * D + (d0 + ds)[None, :]
-        q = tl.minimum(tl.maximum(_round(z, seed, offs, STOCHASTIC), -127.0), 127.0).to(tl.int8)
-        tl.store(q_ptr + offs, q, mask=mask)
+        q = tl.minimum(tl.maximum(_rint(z), -127.0), 127.0).to(tl.int8)
+        tl.store(q_ptr + rows[:, None] * K + (d0 + ds)[None, :], q, mask=mask)
+
+
+@triton.jit
+def _col_absmax_kernel(x_ptr, s_xm, s_xk, M, K, mult_ptr, amax_ptr, HAS_MULT: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """quantize_cols_t's first pass: the absmax of x * mult[row] over BLOCK_M rows of BLOCK_K
+    columns (inf where a NaN/Inf sits), maxed into amax (K,), zeroed int32 holding the float's
+    bits: non-negative floats order as their bits do, so an integer atomic max is exact."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rows[:, None] < M) & (cols[None, :] < K)
+    y = tl.load(x_ptr + rows[:, None] * s_xm + cols[None, :] * s_xk, mask=mask, other=0.0).to(tl.float32)
+    if HAS_MULT:
+        y = _mul(y, tl.load(mult_ptr + rows, mask=rows < M, other=1.0)[:, None])
+    ay = tl.abs(y)
+    am = tl.max(tl.where((y != y) | (ay == float("inf")), float("inf"), ay), axis=0)
+    tl.atomic_max(amax_ptr + cols, am.to(tl.int32, bitcast=True), mask=cols < K, sem="relaxed")
+
+
+@triton.jit
+def _col_quant_kernel(x_ptr, s_xm, s_xk, M, K, mult_ptr, amax_ptr, q_ptr, scale_ptr, seed_ptr,
+                      HAS_MULT: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    """quantize_cols_t's second pass: one (BLOCK_M, BLOCK_K) block of x * mult[row] at its
+    columns' scales, stored transposed into q (K, M). Blocks, not whole columns, per program:
+    a weight's column is strided, and a program reading a few whole columns used a fraction of
+    each memory sector it touched."""
+    pid_m = tl.program_id(0)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    cmask = cols < K
+    mask = (rows[:, None] < M) & cmask[None, :]
+    am = tl.load(amax_ptr + cols, mask=cmask, other=0).to(tl.float32, bitcast=True)
+    pos = am > 0
+    inv = tl.where(pos, tl.math.div_rn(127.0, am), 1.0)
+    if pid_m == 0:
+        scale = tl.where(pos, tl.math.div_rn(am, 127.0), 1.0)
+        tl.store(scale_ptr + cols, tl.where(am == float("inf"), float("nan"), scale), mask=cmask)
+    seed = _seed(seed_ptr, STOCHASTIC)
+    y = tl.load(x_ptr + rows[:, None] * s_xm + cols[None, :] * s_xk, mask=mask, other=0.0).to(tl.float32)
+    if HAS_MULT:
+        y = _mul(y, tl.load(mult_ptr + rows, mask=rows < M, other=1.0)[:, None])
+    z = _mul(y, inv[None, :])
+    z = tl.where((z == z) & (tl.abs(z) < float("inf")), z, 0.0)
+    offs = cols[None, :] * M + rows[:, None]  # as _store_transposed's: the same random bits
+    q = tl.minimum(tl.maximum(_round(z, seed, offs, STOCHASTIC), -127.0), 127.0).to(tl.int8)
+    tl.store(q_ptr + offs, q, mask=mask)
 
 
 @triton.jit
@@ -752,6 +796,12 @@ def quantize_grad(dy: torch.Tensor, tile: int, threshold: torch.Tensor | float, 
 # it takes 1.34 and 1.21 ms (not yet timed in training). For comparison, inductor's SwiGLU backward
 # alone takes 0.91 ms, or 1.24 in INT8, and the stats kernel after it another 0.60.
 SWIGLU_ROWS = 16
+# The stats pass's programs (rows of a tile, warps at tile 128), without and with column maxima
+# (maxed into the tile rows by atomics, as in _swiglu_grad_kernel). Whole quantize calls on the
+# H100 (2026-11-24, M = 32768, K = 2048-8192): X 1.00x for 16-128 rows; dY with 16 rows and 2
+# warps 1.01-1.02x of the earlier 128-row programs that stored their maxima, 16 rows with 4 warps
+# 0.65-0.70x, 64 and 128 rows with 4 warps 0.98-1.00x.
+STATS_BLOCK = {False: (128, 8), True: (16, 2)}
 
 
 def swiglu(y: torch.Tensor, int8: bool, tile: int, with_stats: bool):
@@ -809,21 +859,21 @@ def swiglu_grad(dh: torch.Tensor, saved: torch.Tensor, scale: torch.Tensor, int8
     dy = torch.empty(m, k, dtype=dh.dtype, device=dev)
     mt, kt = num_tiles(m, tile), num_tiles(k, tile)
     rows = min(SWIGLU_ROWS, tile)
-    parts = mt * (tile // rows)  # programs past M write zero maxima, so every part is defined
+    parts = mt * (tile // rows)
     with_stats = row_mult is not None
 
     def unused():  # fresh, as in _quantize_act
         return torch.empty(1, dtype=torch.float32, device=dev)
 
     rowmax = torch.empty(m, kt, dtype=torch.float32, device=dev) if with_stats else unused()
-    colmax = torch.empty(parts, k, dtype=torch.float32, device=dev) if with_stats else unused()
+    colmax = torch.zeros(mt, k, dtype=torch.float32, device=dev) if with_stats else unused()
     _traceable(_swiglu_grad_kernel)[(n // tile, parts)](
         dh, dh.stride(0), dh.stride(1), saved, saved.stride(0), scale.contiguous() if int8 else unused(), dy, m, n,
         scale.shape[-1] if int8 else 1, kt, mt * kt, rowmax, stats, row_mult if with_stats else unused(), colmax,
         TILE=tile, ROWS=rows, GROUP=GROUP, INT8=int8, STATS=with_stats, num_warps=2 if rows * tile <= 2048 else 4)
     if not with_stats:
         return dy, None
-    return dy, (rowmax, colmax.view(mt, tile // rows, k).amax(dim=1))
+    return dy, (rowmax, colmax)
 
 
 def _in_place(x: torch.Tensor) -> torch.Tensor:
@@ -855,9 +905,6 @@ def _quantize_act(x, tile, threshold, base_threshold, fallback, seed, transposed
 
     if stats is None:
         stats = torch.zeros(NUM_STATS, dtype=torch.int64, device=dev)
-    # Swept on the H100 at M = 8192 (2026-11-23) and 32768 (2026-11-24), tile 128: the stats
-    # pass is fastest with 8 warps, 4 when it also takes column maxima (1.6-1.8 TB/s at M = 32768
-    # against 1.2 with 8).
     warps = 8 if tile == 128 else 4
     if pre is not None and cols:
         rowmax, colmax = pre
@@ -865,11 +912,13 @@ def _quantize_act(x, tile, threshold, base_threshold, fallback, seed, transposed
         rowmax, colmax = pre[0], unused()
         stats.add_(pre[1])
     else:
+        rows, stats_warps = STATS_BLOCK[cols]
+        rows = min(rows, tile)
         rowmax = torch.empty(m, kt, dtype=torch.float32, device=dev)
-        colmax = torch.empty(mt, k, dtype=torch.float32, device=dev) if cols else unused()
-        _traceable(_act_stats_kernel)[(mt, kt)](x, x.stride(0), x.stride(1), m, k, kt, rowmax, stats,
-                                                row_mult if cols else unused(), colmax, TILE=tile, COLS=cols,
-                                                num_warps=4 if cols else warps)
+        colmax = torch.zeros(mt, k, dtype=torch.float32, device=dev) if cols else unused()
+        _traceable(_act_stats_kernel)[(triton.cdiv(m, rows), kt)](
+            x, x.stride(0), x.stride(1), m, k, kt, rowmax, stats, row_mult if cols else unused(), colmax, TILE=tile,
+            ROWS=rows, COLS=cols, num_warps=stats_warps if tile == 128 else 4)
     if isinstance(threshold, torch.Tensor):
         thr = threshold.reshape(1)
     else:  # a fill on the device, not a host-to-device copy
@@ -917,33 +966,37 @@ def _quantize_act(x, tile, threshold, base_threshold, fallback, seed, transposed
                      scale_t if transposed else None, count, order), None, None
 
 
-def _quantize_lines(x: torch.Tensor, lines: int, length: int, s_line: int, s_elem: int,
-                    mult: torch.Tensor | None = None, seed: Seed = None) -> tuple[torch.Tensor, torch.Tensor]:
-    q = torch.empty(lines, length, dtype=torch.int8, device=x.device)
-    scale = torch.empty(lines, dtype=torch.float32, device=x.device)
-    # Many small programs keep enough loads in flight. Swept on the H100 (2026-11-23): rows
-    # 1.4-2.2 TB/s with 2 x 512 blocks, columns 0.9-1.4 TB/s with 8-32 lines (their contiguous
-    # dim) x 256-512; a single 16 x 128 shape reached 0.4-1.4.
-    if INTERPRET:
-        bl, bd, warps = 16, 64, 4
-    elif s_elem == 1:
-        bl, bd, warps = 2, 512, 8
-    else:
-        bl = 8 if lines <= 2048 else 16 if lines < 8192 else 32
-        bd, warps = (512, 8) if bl == 8 else (512, 4) if bl == 16 else (256, 4)
-    _traceable(_line_quant_kernel)[(triton.cdiv(lines, bl),)](
-        x, s_line, s_elem, lines, length, mult if mult is not None else scale, q, scale, _seed_arg(seed, x.device),
-        HAS_MULT=mult is not None, STOCHASTIC=seed is not None, BLOCK_L=bl, BLOCK_D=bd, num_warps=warps)
-    return q, scale
+# quantize_cols_t's blocks (rows, columns, warps), from an H100 sweep (2026-11-24); see
+# docs/fq.md, "Weights".
+BLOCK_COLS = (64, 64, 4)
 
 
 def quantize_cols_t(x: torch.Tensor, row_mult: torch.Tensor | None = None,
                     seed: Seed = None) -> tuple[torch.Tensor, torch.Tensor]:
     x = _in_place(x)
-    m, n = x.shape
-    return _quantize_lines(x, n, m, x.stride(1), x.stride(0), row_mult, seed)
+    m, k = x.shape
+    dev = x.device
+    q = torch.empty(k, m, dtype=torch.int8, device=dev)
+    scale = torch.empty(k, dtype=torch.float32, device=dev)
+    amax = torch.zeros(k, dtype=torch.int32, device=dev)
+    mult = row_mult if row_mult is not None else scale
+    # H100 sweep (2026-11-24), see BLOCK_COLS.
+    bm, bk, warps = (16, 16, 4) if INTERPRET else BLOCK_COLS
+    grid = (triton.cdiv(m, bm), triton.cdiv(k, bk))
+    flags = {"HAS_MULT": row_mult is not None, "BLOCK_M": bm, "BLOCK_K": bk, "num_warps": warps}
+    _traceable(_col_absmax_kernel)[grid](x, x.stride(0), x.stride(1), m, k, mult, amax, **flags)
+    _traceable(_col_quant_kernel)[grid](x, x.stride(0), x.stride(1), m, k, mult, amax, q, scale,
+                                        _seed_arg(seed, dev), STOCHASTIC=seed is not None, **flags)
+    return q, scale
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     m, k = x.shape
-    return _quantize_lines(x, m, k, x.stride(0), x.stride(1))
+    q = torch.empty(m, k, dtype=torch.int8, device=x.device)
+    scale = torch.empty(m, dtype=torch.float32, device=x.device)
+    # One row of 1024-wide chunks per program, 4 warps: on the H100 (2026-11-24) 1.10-1.22x of
+    # two rows of 512 at the 1B model's weights (1.85-2.19 TB/s before, at 3 bytes per element).
+    bl, bd, warps = (16, 64, 4) if INTERPRET else (1, 1024, 4)
+    _traceable(_row_quant_kernel)[(triton.cdiv(m, bl),)](x, x.stride(0), x.stride(1), m, k, q, scale,
+                                                         BLOCK_L=bl, BLOCK_D=bd, num_warps=warps)
+    return q, scale

@@ -99,6 +99,28 @@ def test_quantize_dtypes_and_columns(dtype):
     assert torch.equal(qa, qb) and torch.equal(sa, sb)
 
 
+@pytest.mark.parametrize("m,k", [(1, 300), (129, 33), (200, 1), (70, 96)])
+def test_weight_quantization_of_odd_shapes_with_zero_nan_and_inf_lines(m, k):
+    w = rand(m, k, seed=m + k)
+    w[:, 0] = 0.0  # an all-zero column: scale 1, digits 0
+    w[0, :] = 0.0
+    if m > 2 and k > 2:
+        w[1, 2] = float("nan")  # NaN scale for that row and column, the rest of them zero digits
+        w[2, 1] = float("inf")
+        w[m - 1, k - 1] = -1e4  # a large value: the only +-127 in its row and column
+    mult = rand(m, seed=5).abs()
+    for x in (w, w.t().contiguous().t()):  # row-major, and a column-major view
+        for rm in (None, mult):
+            qa, sa = R.quantize_cols_t(x, rm)
+            qb, sb = T.quantize_cols_t(x, rm)
+            assert torch.equal(qa, qb) and same(sa, sb)
+        qa, sa = R.quantize_rows(x)
+        qb, sb = T.quantize_rows(x)
+        assert torch.equal(qa, qb) and same(sa, sb)
+    qs, _ = T.quantize_cols_t(w, mult, seed=3)  # stochastic: within one step of the nearest digits
+    assert (qs.int() - R.quantize_cols_t(w, mult)[0].int()).abs().max() <= 1
+
+
 @pytest.mark.parametrize("tile,m,n", [(32, 70, 100), (64, 130, 200), (128, 129, 150)])
 def test_grad_quantization_reads_once_and_matches_reference(tile, m, n):
     """quantize_grad: dY's rows (fallback tiles) and its columns times X's row scales, from one

@@ -35,7 +35,8 @@ CATEGORIES = [
     ("fq gemm", r"_fq_gemm_kernel|_fq_gemm_tma_kernel|_fallback_tail_kernel"),
     # _swiglu_kernel and _swiglu_grad_kernel also compute SwiGLU's forward and backward, "other
     # kernels" in a BF16 profile
-    ("fq quantize", r"_act_stats_kernel|_act_quant_kernel|_fallback_quant_kernel|_line_quant_kernel|_scales_kernel"
+    ("fq quantize", r"_act_stats_kernel|_act_quant_kernel|_fallback_quant_kernel|_scales_kernel"
+                    r"|_row_quant_kernel|_col_absmax_kernel|_col_quant_kernel"
                     r"|_swiglu_kernel|_swiglu_grad_kernel"),
     ("comm quantize", r"_quantize_kernel|_dequantize_kernel|_dequantize_sum_kernel"),
     ("nccl", r"nccl"),
