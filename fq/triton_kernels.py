@@ -121,20 +121,25 @@ def _act_stats_kernel(x_ptr, s_xm, s_xk, M, K, KT, rowmax_ptr, stats_ptr, mult_p
 
 
 @triton.jit
+def _max_into(ptrs, v, mask):
+    """Atomic max of v, non-negative floats or +inf, into float32 memory: as integers on their
+    bits, which order as such floats do, so the result is exact whatever the order."""
+    tl.atomic_max(ptrs.to(tl.pointer_type(tl.int32)), v.to(tl.int32, bitcast=True), mask=mask, sem="relaxed")
+
+
+@triton.jit
 def _tile_stats(x, rows, cols, M, K, KT, pid_k, crow, rowmax_ptr, stats_ptr, mult_ptr, colmax_ptr,
                 COLS: tl.constexpr):
     """The statistics of rows x cols of one K tile (masked values zero): row absmax into
     rowmax[:, pid_k], with COLS the column absmax of x * mult[row] maxed into colmax's row `crow`
-    (zeroed; an integer atomic max on the floats' bits, which order as non-negative floats do),
-    and the count of non-finite values."""
+    (zeroed), and the count of non-finite values."""
     ax = tl.where(x != x, float("inf"), tl.abs(x))
     rowmax = tl.max(ax, axis=1)
     tl.store(rowmax_ptr + rows * KT + pid_k, rowmax, mask=rows < M)
     if COLS:
         y = _mul(x, tl.load(mult_ptr + rows, mask=rows < M, other=1.0)[:, None])
         ay = tl.where(y != y, float("inf"), tl.abs(y))
-        tl.atomic_max(colmax_ptr.to(tl.pointer_type(tl.int32)) + crow * K + cols,
-                      tl.max(ay, axis=0).to(tl.int32, bitcast=True), mask=cols < K, sem="relaxed")
+        _max_into(colmax_ptr + crow * K + cols, tl.max(ay, axis=0), cols < K)
     if tl.max(rowmax, axis=0) == float("inf"):
         tl.atomic_add(stats_ptr + 3, tl.sum(tl.sum((ax == float("inf")).to(tl.int32), axis=1), axis=0).to(tl.int64))
 
@@ -447,8 +452,7 @@ def _row_quant_kernel(x_ptr, s_xm, s_xk, M, K, q_ptr, scale_ptr, BLOCK_L: tl.con
 def _col_absmax_kernel(x_ptr, s_xm, s_xk, M, K, mult_ptr, amax_ptr, HAS_MULT: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """quantize_cols_t's first pass: the absmax of x * mult[row] over BLOCK_M rows of BLOCK_K
-    columns (inf where a NaN/Inf sits), maxed into amax (K,), zeroed int32 holding the float's
-    bits: non-negative floats order as their bits do, so an integer atomic max is exact."""
+    columns (inf where a NaN/Inf sits), maxed into amax (K,), zeroed."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (rows[:, None] < M) & (cols[None, :] < K)
@@ -457,7 +461,7 @@ def _col_absmax_kernel(x_ptr, s_xm, s_xk, M, K, mult_ptr, amax_ptr, HAS_MULT: tl
         y = _mul(y, tl.load(mult_ptr + rows, mask=rows < M, other=1.0)[:, None])
     ay = tl.abs(y)
     am = tl.max(tl.where((y != y) | (ay == float("inf")), float("inf"), ay), axis=0)
-    tl.atomic_max(amax_ptr + cols, am.to(tl.int32, bitcast=True), mask=cols < K, sem="relaxed")
+    _max_into(amax_ptr + cols, am, cols < K)
 
 
 @triton.jit
@@ -473,7 +477,7 @@ def _col_quant_kernel(x_ptr, s_xm, s_xk, M, K, mult_ptr, amax_ptr, q_ptr, scale_
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     cmask = cols < K
     mask = (rows[:, None] < M) & cmask[None, :]
-    am = tl.load(amax_ptr + cols, mask=cmask, other=0).to(tl.float32, bitcast=True)
+    am = tl.load(amax_ptr + cols, mask=cmask, other=0.0)
     pos = am > 0
     inv = tl.where(pos, tl.math.div_rn(127.0, am), 1.0)
     if pid_m == 0:
@@ -979,7 +983,7 @@ def quantize_cols_t(x: torch.Tensor, row_mult: torch.Tensor | None = None,
     dev = x.device
     q = torch.empty(k, m, dtype=torch.int8, device=dev)
     scale = torch.empty(k, dtype=torch.float32, device=dev)
-    amax = torch.zeros(k, dtype=torch.int32, device=dev)
+    amax = torch.zeros(k, dtype=torch.float32, device=dev)
     mult = row_mult if row_mult is not None else scale
     bm, bk, warps = (16, 16, 4) if INTERPRET else BLOCK_COLS
     grid = (triton.cdiv(m, bm), triton.cdiv(k, bk))
