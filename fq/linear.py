@@ -86,9 +86,9 @@ def linear_forward(ops, x, weight, thr, counts, tile: int, threshold: float, fal
     """y = x @ weight.T; also X's INT8 transposed digits and row scales for the weight gradient
     (empty unless keep_x_int8), what a fused SwiGLU's backward needs (`swiglu` "bf16" or "int8":
     y is silu(gate) * up of the product's halves; fq.swiglu.swiglu_forward), else two empty
-    tensors, and with `emit` y's statistics for the next layer's `pre` (rowmax, counts; None
-    where the kernels do not take them: then the next layer takes its own). `pre`: x's, from
-    the layer before."""
+    tensors, and with `emit` y's statistics for the next layer's `pre` (rowmax, counts; both
+    empty where the kernels do not take them: then the next layer takes its own). `pre`: x's,
+    from the layer before."""
     xq = ops.quantize_act(x, tile, thr[FORWARD], threshold, fallback, transposed=keep_x_int8, stats=counts, pre=pre)
     wq, ws = ops.quantize_rows(weight)
     y = ops.gemm_a_fallback(xq, wq, ws, out_dtype)
@@ -97,6 +97,7 @@ def linear_forward(ops, x, weight, thr, counts, tile: int, threshold: float, fal
         y, *saved, out_pre = ops.swiglu(y, swiglu == "int8", tile, emit)
     else:
         saved = (x.new_empty(0), x.new_empty(0))
+    out_pre = out_pre or (x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.int64))
     if not keep_x_int8:
         return y, x.new_empty(0, dtype=torch.int8), x.new_empty(0, dtype=torch.float32), *saved, out_pre
     return y, xq.qt, xq.scale_t, *saved, out_pre
@@ -185,7 +186,6 @@ class _EagerLinear(torch.autograd.Function):
             layer._budget(FORWARD, counts)
         ctx.layer, ctx.ops, ctx.x_dtype, ctx.swiglu = layer, ops, x.dtype, swiglu
         ctx.save_for_backward(weight, qt, scale_t, None if cfg.grad_weight else x, *saved)
-        out_pre = out_pre or (x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.int64))
         ctx.mark_non_differentiable(*out_pre)
         return y, *out_pre
 

@@ -59,8 +59,6 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, thr: torch.Tensor, thr_state:
         y, qt, scale_t, saved, saved_scale, out_pre = linear_forward(triton_kernels, x, weight, thr, counts, tile,
                                                                      threshold, fallback, grad_weight, out_dtype,
                                                                      swiglu, pre, emit)
-    if out_pre is None:
-        out_pre = x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.int64)
     return y, qt, scale_t, saved, saved_scale, counts, *out_pre
 
 

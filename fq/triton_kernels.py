@@ -808,6 +808,13 @@ SWIGLU_ROWS = 16
 STATS_BLOCK = {False: (128, 8), True: (16, 2)}
 
 
+def _unused(dev: torch.device) -> torch.Tensor:
+    """A fresh tensor for a kernel argument a launch does not use: never one a kernel may write
+    through another argument, since torch.compile's functionalization of a kernel cannot tell
+    aliased arguments apart."""
+    return torch.empty(1, dtype=torch.float32, device=dev)
+
+
 def swiglu(y: torch.Tensor, int8: bool, tile: int, with_stats: bool):
     """fq.swiglu.swiglu_forward (h, saved, scale) in one launch, and with_stats h's statistics as
     quantize_act's `pre` would take them (rowmax, counts), else None. A width that is not a
@@ -825,14 +832,11 @@ def swiglu(y: torch.Tensor, int8: bool, tile: int, with_stats: bool):
     h = torch.empty(m, n, dtype=y.dtype, device=dev)
     g = n // GROUP
 
-    def unused():  # fresh, as in _quantize_act
-        return torch.empty(1, dtype=torch.float32, device=dev)
-
-    q = torch.empty(m, k, dtype=torch.int8, device=dev) if int8 else unused()
-    qs = torch.empty(m, 2, g, dtype=torch.float32, device=dev) if int8 else unused()
+    q = torch.empty(m, k, dtype=torch.int8, device=dev) if int8 else _unused(dev)
+    qs = torch.empty(m, 2, g, dtype=torch.float32, device=dev) if int8 else _unused(dev)
     kt = num_tiles(n, tile)
-    rowmax = torch.empty(m, kt, dtype=torch.float32, device=dev) if with_stats else unused()
-    counts = torch.zeros(NUM_STATS, dtype=torch.int64, device=dev) if with_stats else unused()
+    rowmax = torch.empty(m, kt, dtype=torch.float32, device=dev) if with_stats else _unused(dev)
+    counts = torch.zeros(NUM_STATS, dtype=torch.int64, device=dev) if with_stats else _unused(dev)
     # 16 rows, 4 warps, as _swiglu_grad_kernel: on the H100 (2026-11-24, M = 32768, F = 8192) 530 us
     # without statistics and 542 with them, against 526 for inductor's SwiGLU; INT8 984 against 1062.
     rows = 16
@@ -866,14 +870,11 @@ def swiglu_grad(dh: torch.Tensor, saved: torch.Tensor, scale: torch.Tensor, int8
     parts = mt * (tile // rows)
     with_stats = row_mult is not None
 
-    def unused():  # fresh, as in _quantize_act
-        return torch.empty(1, dtype=torch.float32, device=dev)
-
-    rowmax = torch.empty(m, kt, dtype=torch.float32, device=dev) if with_stats else unused()
-    colmax = torch.zeros(mt, k, dtype=torch.float32, device=dev) if with_stats else unused()
+    rowmax = torch.empty(m, kt, dtype=torch.float32, device=dev) if with_stats else _unused(dev)
+    colmax = torch.zeros(mt, k, dtype=torch.float32, device=dev) if with_stats else _unused(dev)
     _traceable(_swiglu_grad_kernel)[(n // tile, parts)](
-        dh, dh.stride(0), dh.stride(1), saved, saved.stride(0), scale.contiguous() if int8 else unused(), dy, m, n,
-        scale.shape[-1] if int8 else 1, kt, mt * kt, rowmax, stats, row_mult if with_stats else unused(), colmax,
+        dh, dh.stride(0), dh.stride(1), saved, saved.stride(0), scale.contiguous() if int8 else _unused(dev), dy, m, n,
+        scale.shape[-1] if int8 else 1, kt, mt * kt, rowmax, stats, row_mult if with_stats else _unused(dev), colmax,
         TILE=tile, ROWS=rows, GROUP=GROUP, INT8=int8, STATS=with_stats, num_warps=2 if rows * tile <= 2048 else 4)
     if not with_stats:
         return dy, None
@@ -901,11 +902,6 @@ def _quantize_act(x, tile, threshold, base_threshold, fallback, seed, transposed
     dev = x.device
     mt, kt = num_tiles(m, tile), num_tiles(k, tile)
     cols = row_mult is not None
-    # A fresh tensor for each argument a launch does not use: never one a kernel may write
-    # through another argument, since torch.compile's functionalization of a kernel cannot tell
-    # aliased arguments apart.
-    def unused():
-        return torch.empty(1, dtype=torch.float32, device=dev)
 
     if stats is None:
         stats = torch.zeros(NUM_STATS, dtype=torch.int64, device=dev)
@@ -913,15 +909,15 @@ def _quantize_act(x, tile, threshold, base_threshold, fallback, seed, transposed
     if pre is not None and cols:
         rowmax, colmax = pre
     elif pre is not None:
-        rowmax, colmax = pre[0], unused()
+        rowmax, colmax = pre[0], _unused(dev)
         stats.add_(pre[1])
     else:
         rows, stats_warps = STATS_BLOCK[cols]
         rows = min(rows, tile)
         rowmax = torch.empty(m, kt, dtype=torch.float32, device=dev)
-        colmax = torch.zeros(mt, k, dtype=torch.float32, device=dev) if cols else unused()
+        colmax = torch.zeros(mt, k, dtype=torch.float32, device=dev) if cols else _unused(dev)
         _traceable(_act_stats_kernel)[(triton.cdiv(m, rows), kt)](
-            x, x.stride(0), x.stride(1), m, k, kt, rowmax, stats, row_mult if cols else unused(), colmax, TILE=tile,
+            x, x.stride(0), x.stride(1), m, k, kt, rowmax, stats, row_mult if cols else _unused(dev), colmax, TILE=tile,
             ROWS=rows, COLS=cols, num_warps=stats_warps if tile == 128 else 4)
     if isinstance(threshold, torch.Tensor):
         thr = threshold.reshape(1)
@@ -934,8 +930,9 @@ def _quantize_act(x, tile, threshold, base_threshold, fallback, seed, transposed
     # Whole rows' scales (X for the weight gradient) or columns' (dY for it), only if transposed;
     # their own tensors, since they leave the op (fq/ops.py) and an op's outputs may not be views.
     scale_t, inv_t = ((torch.empty(k if cols else m, dtype=torch.float32, device=dev) for _ in range(2))
-                      if transposed else (unused(), unused()))
-    rows_t, cols_t = ((unused(), unused()), (scale_t, inv_t)) if cols else ((scale_t, inv_t), (unused(), unused()))
+                      if transposed else (_unused(dev), _unused(dev)))
+    spare = (_unused(dev), _unused(dev))
+    rows_t, cols_t = (spare, (scale_t, inv_t)) if cols else ((scale_t, inv_t), spare)
     count = torch.empty(mt, dtype=torch.int32, device=dev)
     order = torch.empty(mt, kt, dtype=torch.int32, device=dev)
     block_t = max(triton.next_power_of_2(kt), 16)
@@ -950,7 +947,7 @@ def _quantize_act(x, tile, threshold, base_threshold, fallback, seed, transposed
     q2 = torch.empty(m, k, dtype=torch.int8, device=dev)
     c1 = torch.empty(mt, kt, dtype=torch.float32, device=dev)
     c2 = torch.empty(mt, kt, dtype=torch.float32, device=dev)
-    qt = torch.empty(k, m, dtype=torch.int8, device=dev) if transposed else unused()
+    qt = torch.empty(k, m, dtype=torch.int8, device=dev) if transposed else _unused(dev)
     seeds = _seed_arg(seed, dev), _seed_arg(seed_t if cols else seed, dev)
     mult_t = row_mult if cols else inv_t
     # 8 warps: on the H100 (2026-11-24) 1.01-1.04x of 4 at M = 8192 and 32768, K = 2048-16384.
