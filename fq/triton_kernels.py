@@ -20,7 +20,8 @@
   else `quantize_grad` writes it): column maxima by atomics, then digits, block by block.
 - `_fq_gemm_tma_kernel`: INT8 tl.dot into one INT32 accumulator, row x column scales in the
   epilogue, over every tile's first digit (the weight-gradient GEMM, plain row-wise X, is only
-  this); persistent, operands through TMA descriptors (sm_90+, 16-byte aligned rows).
+  this); persistent, operands through TMA descriptors (sm_90+, 16-byte aligned rows). On Hopper
+  with a 16-bit C, fq/gluon_gemm.py's warp-specialized kernel computes the same bits faster.
   `_fq_gemm_kernel` computes the same with pointer loads, autotuned, for all other operands.
 - `_fallback_tail_kernel`: then adds the fallback tiles' remainder into C in float32, visiting
   only the tile rows that have any (from their per-row lists). Inside the bulk GEMM this tail
@@ -48,6 +49,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 from torch.library import wrap_triton
 
+from fq import gluon_gemm
 from fq.reference import NUM_STATS, SPREAD, TileQuant, num_tiles
 from fq.swiglu import GROUP, swiglu_backward, swiglu_forward
 
@@ -673,39 +675,56 @@ def _programs(device: torch.device) -> int:
 
 
 def _gemm(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor | None, out_dtype: torch.dtype,
-          config: dict | None = None, tma: bool | None = None):
+          config: dict | None = None, kernel: str | None = None):
     """C = (a @ b.T) * sa[:, None] (* sb[None, :]) for INT8 a (M, K) and b (N, K), both K-major
-    (INT8 tensor cores want that); out_dtype int32: the raw sums. The TMA kernel when the
-    operands allow it (`tma` forces either kernel, for tests), else the autotuned pointer kernel,
-    which the log names once per reason. With `config` (block sizes, num_warps, num_stages) the
+    (INT8 tensor cores want that); out_dtype int32: the raw sums. The first kernel that can run,
+    of: the warp-specialized Gluon kernel (fq/gluon_gemm.py: Hopper, 16-bit C), Triton's
+    persistent TMA kernel, the autotuned pointer kernel; the log names once per reason why a
+    GEMM did not get the first. All give the same bits. `kernel` ("gluon", "tma", "pointer")
+    forces one, for tests and benchmarks. With `config` (block sizes, num_warps, num_stages) the
     pointer kernel runs it untuned and (C, compiled kernel) comes back, for benchmarks."""
     m, k = a.shape
     n = b.shape[0]
     c = torch.empty(m, n, dtype=out_dtype, device=a.device)
     flags = {"HAS_SB": sb is not None, "RAW": out_dtype == torch.int32}
-    sb = sb if sb is not None else sa
-    why_not = "a configuration was given" if config else "forced by the caller" if tma is False else _tma_unfit(a, b, c)
-    if tma and why_not:
-        raise ValueError(f"_gemm: the TMA kernel cannot run: {why_not}")
-    if why_not is None:
-        meta = _TMA_META_INTERPRET if INTERPRET else _TMA_META if c.element_size() <= 2 else _TMA_META_WIDE_C
-        programs = min(_programs(a.device), triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]))
+    kernel = "pointer" if config else kernel
+    why_not_tma = "forced by the caller" if kernel == "pointer" else _tma_unfit(a, b, c)
+    why_not_gluon = why_not_tma or ("forced by the caller" if kernel == "tma" else _gluon_unfit(a, b, c))
+    chosen = "gluon" if why_not_gluon is None else "tma" if why_not_tma is None else "pointer"
+    if kernel and kernel != chosen:
+        raise ValueError(f"_gemm: the {kernel} kernel cannot run: {why_not_gluon if kernel == 'gluon' else why_not_tma}")
+    if kernel is None and chosen != "gluon" and (chosen, why_not_gluon) not in _NOTED:
+        _NOTED.add((chosen, why_not_gluon))
+        log.info("fq: %s, so that GEMM (and any like it) runs the %s kernel, not the warp-specialized one",
+                 why_not_gluon, "pointer-based" if chosen == "pointer" else "Triton TMA")
+    if chosen != "pointer":
         # The descriptors' scratch (128 B each). Under torch.compile inductor sets its own
         # allocator before each launch; this one serves eager launches. Set per call: triton
         # keeps it per thread, and the backward runs in autograd's threads.
         triton.set_allocator(_scratch)
+    if chosen == "gluon":
+        if _TRACEABLE[0]:  # inductor cannot trace a Gluon kernel: an opaque op launches it
+            return torch.ops.fq.gemm_ws(a, b, sa, sb, out_dtype, _programs(a.device))
+        return gluon_gemm.gemm(a, b, sa, sb, c, _programs(a.device))
+    sb = sb if sb is not None else sa
+    if chosen == "tma":
+        meta = _TMA_META_INTERPRET if INTERPRET else _TMA_META if c.element_size() <= 2 else _TMA_META_WIDE_C
+        programs = min(_programs(a.device), triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]))
         _traceable(_fq_gemm_tma_kernel)[(programs,)](a, b, c, sa, sb, m, n, k, a.stride(0), b.stride(0), c.stride(0),
                                                      PROGRAMS=programs, **flags, **meta)
         return c
-    if not config and tma is None and why_not not in _NOTED:
-        _NOTED.add(why_not)
-        log.info("fq: %s, so that GEMM (and any like it) runs the pointer-based kernel, not the TMA one", why_not)
-    kernel, meta = (_fq_gemm_kernel, config) if config else _gemm_launcher()
-    kernel = kernel if config else _traceable(kernel)
+    launcher, meta = (_fq_gemm_kernel, config) if config else _gemm_launcher()
+    launcher = launcher if config else _traceable(launcher)
     grid = lambda cfg: (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-    compiled = kernel[grid](a, b, c, sa, sb, m, n, k, a.stride(0), a.stride(1), b.stride(1), b.stride(0),
-                            c.stride(0), c.stride(1), **flags, **meta)
+    compiled = launcher[grid](a, b, c, sa, sb, m, n, k, a.stride(0), a.stride(1), b.stride(1), b.stride(0),
+                              c.stride(0), c.stride(1), **flags, **meta)
     return (c, compiled) if config else c
+
+
+def _gluon_unfit(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> str | None:
+    if INTERPRET or a.device.type != "cuda":
+        return "Triton's interpreter runs no Gluon kernel"
+    return gluon_gemm.unfit(a, b, c)
 
 
 def _add_fallback_tail(c: torch.Tensor, a: TileQuant, b_q: torch.Tensor, b_scale: torch.Tensor) -> None:
@@ -750,11 +769,11 @@ def gemm_rowwise(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_
     return _gemm(a_q, b_q, a_scale, b_scale, out_dtype)
 
 
-def int_sums(a_q: torch.Tensor, b_q: torch.Tensor, tma: bool | None = None) -> torch.Tensor:
-    """Exact INT32 a_q @ b_q^T through a GEMM kernel's INT32 accumulator (for tests; `tma` as in
-    _gemm)."""
+def int_sums(a_q: torch.Tensor, b_q: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
+    """Exact INT32 a_q @ b_q^T through a GEMM kernel's INT32 accumulator (for tests; `kernel` as
+    in _gemm)."""
     ones = torch.ones(a_q.shape[0], dtype=torch.float32, device=a_q.device)
-    return _gemm(a_q, b_q, ones, None, torch.int32, tma=tma)
+    return _gemm(a_q, b_q, ones, None, torch.int32, kernel=kernel)
 
 
 # A stochastic-rounding seed: a host int, or a one-element int64 device tensor (fq/ops.py's op,

@@ -159,14 +159,45 @@ def test_tma_and_pointer_gemm_kernels_agree_bitwise(m, k, n):
     a[:, -1] = 127  # the last column, in the block the copy engine pads with zeros
     b[:, -1] = -127
     assert T._tma_unfit(a, b, torch.empty(m, n, device=DEV)) is None
-    assert torch.equal(T.int_sums(a, b, tma=True), R.int_sums(a, b))
-    assert torch.equal(T.int_sums(a, b, tma=False), R.int_sums(a, b))
+    assert torch.equal(T.int_sums(a, b, kernel="tma"), R.int_sums(a, b))
+    assert torch.equal(T.int_sums(a, b, kernel="pointer"), R.int_sums(a, b))
     sa, sb = rand(m, seed=1).abs(), rand(n, seed=2).abs()
     for dtype in (torch.float32, torch.bfloat16):
         for scale_b in (sb, None):
-            tma = T._gemm(a, b, sa, scale_b, dtype, tma=True)
-            ptr = T._gemm(a, b, sa, scale_b, dtype, tma=False)
+            tma = T._gemm(a, b, sa, scale_b, dtype, kernel="tma")
+            ptr = T._gemm(a, b, sa, scale_b, dtype, kernel="pointer")
             assert tma.dtype == dtype and torch.equal(tma, ptr), (dtype, scale_b is None)
+
+
+def hopper():
+    return DEV == "cuda" and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.skipif(not hopper(), reason="the Gluon GEMM runs on Hopper only")
+@pytest.mark.parametrize("m,k,n,programs", [(300, 272, 264, 132), (1000, 384, 520, 3), (1000, 384, 520, 4),
+                                            (129, 2064, 1032, 1), (4096, 1024, 2048, 132)])
+def test_gluon_gemm_matches_tma_kernel_bitwise(m, k, n, programs):
+    """Few programs walk many 128 x 128 blocks each (odd and even counts, so both consumers and
+    their hand-over run many rounds); edges in M, N and K; NaN and Inf scales; 16-bit C."""
+    from fq import gluon_gemm
+    g = torch.Generator().manual_seed(m + programs)
+    a = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8).to(DEV)
+    b = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8).to(DEV)
+    a[:, -1] = 127
+    b[-1, :] = -127
+    sa, sb = rand(m, seed=1).abs() / 100, rand(n, seed=2).abs() / 100
+    sa[5], sa[-1], sb[3] = float("nan"), float("inf"), 0.0
+    for dtype in (torch.bfloat16, torch.float16):
+        for scale_b in (sb, None):
+            want = T._gemm(a, b, sa, scale_b, dtype, kernel="tma")
+            c = torch.full((m, n), 7.0, dtype=dtype, device=DEV)  # every element must be written
+            got = gluon_gemm.gemm(a, b, sa, scale_b, c, programs)
+            assert same(got.float(), want.float()), (dtype, scale_b is None)
+            assert same(T._gemm(a, b, sa, scale_b, dtype).float(), want.float())  # the default choice
+            assert same(T._gemm(a, b, sa, scale_b, dtype, kernel="gluon").float(), want.float())
+    assert gluon_gemm.unfit(a, b, torch.empty(m, n, device=DEV)) is not None  # float32 C: the TMA kernel
+    with pytest.raises(ValueError, match="gluon kernel cannot run"):
+        T._gemm(a, b, sa, sb, torch.float32, kernel="gluon")
 
 
 def test_gemm_kernel_choice_is_logged_once(caplog):
@@ -177,9 +208,9 @@ def test_gemm_kernel_choice_is_logged_once(caplog):
     assert T._tma_unfit(a[:, :96].contiguous(), b[:, :96].contiguous()) is None
     base = torch.zeros(64, 96, dtype=torch.int8, device=DEV)
     assert T._tma_unfit(base[1:]) is None and T._tma_unfit(base[:, 8:]) is not None  # rows start 96 / 8 B in
-    with pytest.raises(ValueError, match="TMA kernel cannot run"):
-        T._gemm(a, b, torch.ones(64, device=DEV), None, torch.float32, tma=True)
-    T._NOTED.discard(why)
+    with pytest.raises(ValueError, match="tma kernel cannot run"):
+        T._gemm(a, b, torch.ones(64, device=DEV), None, torch.float32, kernel="tma")
+    T._NOTED.discard(("pointer", why))
     with caplog.at_level("INFO", logger="fqtrain.fq"):
         for _ in range(2):
             T.int_sums(a, b)

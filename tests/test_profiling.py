@@ -54,6 +54,7 @@ def test_every_project_kernel_has_its_category():
         for name in names:
             assert categorize(name) in categories, (path, name, categorize(name))
     assert categorize("_fq_gemm_tma_kernel") == "fq gemm" and categorize("_scales_kernel") == "fq quantize"
+    assert categorize("_gemm_ws_kernel") == "fq gemm"
 
 
 def test_profiled_run_writes_trace_and_summary(default_cache, tmp_path):

@@ -80,8 +80,11 @@ def bench_shape(m, k, n, tile, bench, device):
     if device == "cuda":
         res["int_mm_x"] = speedup(bench(lambda: torch._int_mm(xq.q, wq.t())))
     res["rowwise_int8_gemm_x"] = speedup(bench(lambda: T.gemm_rowwise(xq.q, xq.scale, wq, ws, torch.bfloat16)))
-    # The same GEMM on the autotuned pointer-based kernel, which runs where TMA cannot.
-    res["pointer_gemm_x"] = speedup(bench(lambda: T._gemm(xq.q, wq, xq.scale, ws, torch.bfloat16, tma=False)))
+    # The same GEMM on Triton's TMA kernel (where the Gluon one cannot run) and on the autotuned
+    # pointer-based kernel, which runs where TMA cannot.
+    if device == "cuda":
+        res["tma_gemm_x"] = speedup(bench(lambda: T._gemm(xq.q, wq, xq.scale, ws, torch.bfloat16, kernel="tma")))
+    res["pointer_gemm_x"] = speedup(bench(lambda: T._gemm(xq.q, wq, xq.scale, ws, torch.bfloat16, kernel="pointer")))
     res["rowwise_int8_fwd_x"] = speedup(bench(lambda: T.gemm_a_fallback(
         T.quantize_act(x, tile, THR, THR, False), wq, ws, torch.bfloat16)))
     t_q = bench(lambda: T.quantize_act(x, tile, THR, THR, True))

@@ -32,7 +32,7 @@ log = logging.getLogger("fqtrain")
 
 # First match wins; names are kernel names as the profiler records them.
 CATEGORIES = [
-    ("fq gemm", r"_fq_gemm_kernel|_fq_gemm_tma_kernel|_fallback_tail_kernel"),
+    ("fq gemm", r"_fq_gemm_kernel|_fq_gemm_tma_kernel|_gemm_ws_kernel|_fallback_tail_kernel"),
     # _swiglu_kernel and _swiglu_grad_kernel also compute SwiGLU's forward and backward, "other
     # kernels" in a BF16 profile
     ("fq quantize", r"_act_stats_kernel|_act_quant_kernel|_fallback_quant_kernel|_scales_kernel"
