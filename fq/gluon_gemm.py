@@ -29,6 +29,7 @@ except ImportError as e:  # a Triton without Gluon, or with another Gluon API
 # steps, 4 stages: swept on the H100 against 5 stages, 64-deep steps with 8-10 stages, GROUP_M 16
 # and one consumer (docs/benchmarks.md, session 22).
 TILE_M, TILE_N, TILE_K, RING, GROUPS = 128, 128, 128, 4, 8
+VERIFIED = "3.6."
 # Registers: 3 warp groups (2 consumers and the loader's) share the SM's 64K; the loader needs
 # few, the consumers take the rest.
 MAXNREG, CONSUMER_NREG, LOADER_NREG = 168, 232, 24
@@ -39,7 +40,11 @@ def unfit(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> str | None:
     what TMA needs of the operands (16-byte aligned rows)."""
     if IMPORT_ERROR:
         return IMPORT_ERROR
-    if torch.cuda.get_device_capability(a.device)[0] != 9:
+    if not triton.__version__.startswith(VERIFIED):
+        # Gluon is experimental and its API moves between releases (Triton 3.9 renamed the TMA
+        # copies): only the release this kernel was checked on, on the GPU, runs it.
+        return f"the warp-specialized Gluon GEMM is verified on Triton {VERIFIED}x only, not {triton.__version__}"
+    if a.device.type != "cuda" or torch.cuda.get_device_capability(a.device)[0] != 9:
         return "the warp-specialized Gluon GEMM needs Hopper's wgmma (sm_90)"
     if c.element_size() != 2:
         return f"the warp-specialized Gluon GEMM writes 16-bit outputs, not {c.dtype}"

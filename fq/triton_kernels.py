@@ -722,9 +722,7 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor |
 
 
 def _gluon_unfit(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> str | None:
-    if INTERPRET or a.device.type != "cuda":
-        return "Triton's interpreter runs no Gluon kernel"
-    return gluon_gemm.unfit(a, b, c)
+    return "Triton's interpreter runs no Gluon kernel" if INTERPRET else gluon_gemm.unfit(a, b, c)
 
 
 def _add_fallback_tail(c: torch.Tensor, a: TileQuant, b_q: torch.Tensor, b_scale: torch.Tensor) -> None:
