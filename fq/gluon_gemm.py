@@ -127,6 +127,7 @@ if IMPORT_ERROR is None:
     @gluon.jit
     def _consumer1(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, a_bufs, b_bufs, c_bufs, ready, empty, turn, M, N, K,
                    HAS_SB: gl.constexpr, PROGRAMS: gl.constexpr):
+        """The second consumer: worker partitions all take the loader's arguments."""
         _consumer(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, a_bufs, b_bufs, c_bufs, ready, empty, turn, M, N, K,
                   HAS_SB, PROGRAMS, 1)
 
