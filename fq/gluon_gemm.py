@@ -44,7 +44,8 @@ def unfit(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> str | None:
         # Gluon is experimental and its API moves between releases (Triton 3.9 renamed the TMA
         # copies): only the release this kernel was checked on, on the GPU, runs it.
         return f"the warp-specialized Gluon GEMM is verified on Triton {VERIFIED}x only, not {triton.__version__}"
-    if a.device.type != "cuda" or torch.cuda.get_device_capability(a.device)[0] != 9:
+    from fq.triton_kernels import _props  # read once per device; this runs on every eager GEMM
+    if a.device.type != "cuda" or _props(a.device).major != 9:
         return "the warp-specialized Gluon GEMM needs Hopper's wgmma (sm_90)"
     if c.element_size() != 2:
         return f"the warp-specialized Gluon GEMM writes 16-bit outputs, not {c.dtype}"
