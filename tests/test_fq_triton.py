@@ -140,6 +140,18 @@ def test_grad_quantization_reads_once_and_matches_reference(tile, m, n):
     assert not torch.equal(qc, qb)  # stochastic digits differ from nearest ones somewhere
 
 
+def test_grad_column_scales_over_many_tile_rows():
+    """The scales kernel reduces the column maxima 128 tile rows at a time: 131 tile rows here."""
+    m, n = 32 * 130 + 5, 32
+    dy = with_outliers(m, n, seed=41)
+    dy[4100, 3] = float("inf")  # in the last step of the reduction
+    mult = rand(m, seed=42).abs() + 0.1
+    a, qa, sa = R.quantize_grad(dy, 32, THR, THR, True, mult)
+    b, qb, sb = T.quantize_grad(dy, 32, THR, THR, True, mult)
+    assert_same_quant(a, b, m, n)
+    assert torch.equal(qa, qb) and same(sa, sb) and sa[3].isnan()
+
+
 def test_int32_sums_bitwise():
     g = torch.Generator().manual_seed(4)
     a = torch.randint(-127, 128, (70, 300), generator=g, dtype=torch.int8).to(DEV)
