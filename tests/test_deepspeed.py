@@ -121,8 +121,9 @@ def _rows(run_dir):
 @needs_deepspeed
 @pytest.mark.slow
 def test_zero3_trains_like_fsdp_and_resumes(default_cache, tmp_path):
-    """ZeRO-3 on 2 ranks: the same losses as FSDP (same init, data, AdamW groups, schedule,
-    clipping); a resume from its step-4 checkpoint repeats steps 5-8 exactly; resume=auto takes
+    """ZeRO-3 on 2 ranks: the same losses and gradient norms as FSDP (same init, data, AdamW
+    groups, schedule, clipping), to float32 rounding without FQ layers and within INT8 rounding
+    with them; a resume from its step-4 checkpoint repeats steps 5-8 exactly; resume=auto takes
     `latest` and continues a run whose train.steps grew."""
     cache = default_cache["cache"]
     common = [*TINY, *FP32_WIRE, "--train.steps=8", "--logging.interval=1", "--train.val_interval=4",
@@ -133,12 +134,23 @@ def test_zero3_trains_like_fsdp_and_resumes(default_cache, tmp_path):
     ds, fsdp = _rows(ds_dir), _rows(fsdp_dir)
     assert sorted(ds) == list(range(1, 9))
     assert ds[8]["loss"] < ds[1]["loss"] - 0.3
+    # With FQ layers the engines' weights differ in their last bits (reduction order), so some
+    # INT8 digits round apart: at a gradient spike (step 7 here) the norm moved by 4.4% on
+    # 2026-11-24, while the losses stay within 2e-3.
     for step in ds:
         assert ds[step]["loss"] == pytest.approx(fsdp[step]["loss"], abs=2e-3), step
-        assert ds[step]["grad_norm"] == pytest.approx(fsdp[step]["grad_norm"], rel=2e-2), step
+        assert ds[step]["grad_norm"] == pytest.approx(fsdp[step]["grad_norm"], rel=0.1), step
         assert ds[step]["lr"] == pytest.approx(fsdp[step]["lr"], rel=1e-9), step
         assert ds[step]["tokens_seen"] == fsdp[step]["tokens_seen"]
         assert 0.0 <= ds[step]["fallback_ratio"] <= 1.0
+    plain = [*common, "--fq.enabled=false"]  # the engines alone: float32 rounding apart
+    run_cli([*plain, *DS, f"--logging.dir={tmp_path / 'ds_plain'}"], cache, nproc=2)
+    run_cli([*plain, f"--logging.dir={tmp_path / 'fsdp_plain'}"], cache, nproc=2)
+    ds_plain, fsdp_plain = _rows(tmp_path / "ds_plain"), _rows(tmp_path / "fsdp_plain")
+    assert sorted(ds_plain) == sorted(fsdp_plain) == list(range(1, 9))
+    for step in ds_plain:
+        for key in ("loss", "grad_norm"):
+            assert ds_plain[step][key] == pytest.approx(fsdp_plain[step][key], rel=1e-5), (step, key)
     assert [r["step"] for r in read_metrics(ds_dir)[1]] == [4, 8]  # evaluation under ZeRO-3
 
     root = ds_dir / "checkpoints"
