@@ -143,6 +143,7 @@ def test_zero3_trains_like_fsdp_and_resumes(default_cache, tmp_path):
         assert ds[step]["lr"] == pytest.approx(fsdp[step]["lr"], rel=1e-9), step
         assert ds[step]["tokens_seen"] == fsdp[step]["tokens_seen"]
         assert 0.0 <= ds[step]["fallback_ratio"] <= 1.0
+    assert [r["step"] for r in read_metrics(ds_dir)[1]] == [4, 8]  # evaluation under ZeRO-3
     plain = [*common, "--fq.enabled=false"]  # the engines alone: float32 rounding apart
     run_cli([*plain, *DS, f"--logging.dir={tmp_path / 'ds_plain'}"], cache, nproc=2)
     run_cli([*plain, f"--logging.dir={tmp_path / 'fsdp_plain'}"], cache, nproc=2)
@@ -151,7 +152,6 @@ def test_zero3_trains_like_fsdp_and_resumes(default_cache, tmp_path):
     for step in ds_plain:
         for key in ("loss", "grad_norm"):
             assert ds_plain[step][key] == pytest.approx(fsdp_plain[step][key], rel=1e-5), (step, key)
-    assert [r["step"] for r in read_metrics(ds_dir)[1]] == [4, 8]  # evaluation under ZeRO-3
 
     root = ds_dir / "checkpoints"
     assert (root / "latest").read_text().strip() == "step-00000008"
