@@ -1,7 +1,7 @@
 import torch
 
 from train.config import ModelConfig, ffn_hidden
-from train.model import Transformer, apply_rope, flops_per_token, num_params
+from train.model import Transformer, apply_rope, flops_per_token, num_params, rope_tables
 
 CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, max_seq_len=32)
 
@@ -40,8 +40,7 @@ def test_gqa_attention_matches_explicitly_repeated_heads():
 
     def repeated(x):
         q, k, v = attn.qkv_proj(x).view(2, 11, -1, 16).split([4, 2, 2], dim=2)
-        q, k, v = (apply_rope(t.transpose(1, 2), cos, sin) if i < 2 else t.transpose(1, 2)
-                   for i, t in enumerate((q, k, v)))
+        q, k, v = ((apply_rope(t, cos, sin) if i < 2 else t).transpose(1, 2) for i, t in enumerate((q, k, v)))
         k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
         y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
         return attn.o_proj(y.transpose(1, 2).reshape(2, 11, -1))
@@ -51,6 +50,18 @@ def test_gqa_attention_matches_explicitly_repeated_heads():
     (gx,) = torch.autograd.grad(out.square().sum(), x)
     (gr,) = torch.autograd.grad(ref.square().sum(), x)
     torch.testing.assert_close(gx, gr, rtol=1e-5, atol=1e-6)
+
+
+def test_rope_rotates_each_pair_by_position_times_frequency():
+    # (batch, seq, heads, head_dim): pair j of position p turns by p * theta^(-2j / head_dim),
+    # the same for every head and batch row; as complex numbers, a product with e^(i angle).
+    x = torch.randn(2, 7, 3, 8, dtype=torch.float64)
+    cos, sin = rope_tables(8, 16, 10000.0)
+    out = apply_rope(x, cos.double(), sin.double())
+    inv = 10000.0 ** (-torch.arange(0, 8, 2, dtype=torch.float64) / 8)
+    turn = torch.polar(torch.ones(7, 4, dtype=torch.float64), torch.arange(7.0, dtype=torch.float64)[:, None] * inv)
+    ref = torch.view_as_real(torch.view_as_complex(x.reshape(2, 7, 3, 4, 2)) * turn[:, None]).reshape(2, 7, 3, 8)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
 
 
 def test_tied_embeddings_share_storage():
