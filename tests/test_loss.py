@@ -40,8 +40,8 @@ def test_fp32_matches_plain_loss_and_gradients(chunk):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="the CUDA path of the FP32 weight-gradient sum"))])
 def test_bf16_error_against_float64_is_that_of_the_plain_loss(device):
-    h, w, t = (x.detach().to(device) for x in _inputs(torch.bfloat16, n=(4, 64), dim=64, vocab=300))
-    h.requires_grad_(), w.requires_grad_()
+    h, w, t = _inputs(torch.bfloat16, n=(4, 64), dim=64, vocab=300)
+    h, w, t = h.detach().to(device).requires_grad_(), w.detach().to(device).requires_grad_(), t.to(device)
     exact = _grads(_plain, *(x.detach().double().requires_grad_() for x in (h, w)), t)
     plain = _grads(_plain, h, w, t)
     chunked = _grads(lambda *a: linear_cross_entropy(*a, chunk=50), h, w, t)

@@ -32,9 +32,9 @@ def _nll_sum(lsm: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def _add_product_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
     """acc += alpha * a @ b, the product summed into FP32 acc without a BF16 rounding of its own.
-    On CUDA one cuBLAS GEMM whose epilogue adds into acc (a BF16 product, then an FP32 add,
-    cost 2x: 269 us per 2048-token chunk at vocab 32000, dim 2048 on the H100); torch has no such
-    GEMM on CPU, where the operands are upcast instead."""
+    On CUDA one cuBLAS GEMM whose epilogue adds into acc; a BF16 product and then an FP32 add
+    cost an extra 269 us per 2048-token chunk at vocab 32000, dim 2048 on the H100. torch has no
+    such GEMM on CPU, where the operands are upcast instead."""
     if acc.is_cuda:
         torch.addmm(acc, a, b, out_dtype=torch.float32, alpha=alpha, out=acc)
     else:
