@@ -14,10 +14,10 @@ from __future__ import annotations
 import torch
 
 # Tokens per chunk. Each chunk adds its share to W's FP32 gradient (a read and a write of
-# vocab x dim values), so small chunks are slow: on the H100 (tools/bench_loss.py) 2048 tokens
-# cost 6-8% over the plain loss's time at vocab 32000 and 11-15% at 128k, 1024 tokens 22-32%,
-# 4096 nothing at 32k but 1.65-1.8x 2048's peak. One chunk's FP32 log-softmax is 2048 x vocab x 4
-# bytes: 250 MiB at 32k, 1 GiB at 128k.
+# vocab x dim values), so small chunks are slow. On an H200 (tools/bench_loss.py, 2026-11-25, the
+# sum inside the GEMM) 2048 tokens cost 1-4% over the plain loss's time at vocab 32000 and 5.5%
+# at 128k, 1024 tokens 12-17%, 4096 nothing but 1.65-1.8x 2048's peak. One chunk's FP32
+# log-softmax is 2048 x vocab x 4 bytes: 250 MiB at 32k, 1 GiB at 128k.
 CHUNK_TOKENS = 2048
 
 
