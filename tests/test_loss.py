@@ -82,6 +82,28 @@ def test_non_finite_hidden_state_gives_non_finite_loss_and_gradients():
     assert loss.isnan() and gh.isnan().any() and gw.isnan().any()
 
 
+def test_cuda_without_triton_says_the_loss_runs_in_torch(monkeypatch, caplog):
+    import sys
+
+    import train
+    from train import loss
+    monkeypatch.setitem(sys.modules, "train.loss_kernel", None)  # the import now fails
+    monkeypatch.delattr(train, "loss_kernel", raising=False)
+    loss._kernel.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="fqtrain.loss"):
+            assert loss._kernel() is None
+    finally:
+        loss._kernel.cache_clear()
+    assert "loss runs in torch" in caplog.text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel runs on CUDA tensors")
+def test_cuda_runs_the_triton_kernel():
+    from train import loss, loss_kernel
+    assert loss._kernel() is loss_kernel.softmax_xent
+
+
 def test_mismatched_targets_are_refused():
     h, w, t = _inputs(torch.float32)
     with pytest.raises(ValueError, match="targets"):

@@ -8,10 +8,18 @@ that chunk is processed: the forward also computes the gradients of h and W (the
 the one-hot target, times W or h; W's summed over the chunks in FP32) and keeps only those, in
 h's and W's dtypes, so no logits survive until the backward. Same loss and gradients as the
 plain way up to rounding. Under no_grad (evaluation) no gradient is computed.
+
+On CUDA each chunk's softmax step is one Triton kernel (train/loss_kernel.py) that overwrites the
+chunk's BF16 logits with their gradient; `softmax_xent_torch` is its reference and the CPU path.
 """
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
+
+log = logging.getLogger("fqtrain.loss")
 
 # Tokens per chunk. Each chunk adds its share to W's FP32 gradient (a read and a write of
 # vocab x dim values), so small chunks are slow. On an H200 (tools/bench_loss.py, 2026-11-25, the
@@ -21,13 +29,36 @@ import torch
 CHUNK_TOKENS = 2048
 
 
-def _log_softmax(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """One chunk's log-softmax in FP32, straight from the BF16 logits (one kernel, no FP32 copy)."""
-    return torch.log_softmax(h @ weight.t(), -1, dtype=torch.float32)
+def softmax_xent_torch(logits: torch.Tensor, targets: torch.Tensor,
+                       grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token losses (FP32) of one chunk's logits (tokens, vocab) against targets, and with
+    `grad` d(sum of losses)/d(logits) = softmax - one_hot in the logits' dtype. The reference of
+    train/loss_kernel.py's kernel, and the path on CPU."""
+    lsm = torch.log_softmax(logits, -1, dtype=torch.float32)  # one kernel, no FP32 copy first
+    loss = -lsm.gather(1, targets[:, None]).squeeze(1)
+    if not grad:
+        return loss, None
+    g = lsm.exp_()  # in place over the log-softmax
+    g[torch.arange(g.shape[0], device=g.device), targets] -= 1.0
+    return loss, g.to(logits.dtype)
 
 
-def _nll_sum(lsm: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return -lsm.gather(1, targets[:, None]).sum()
+@functools.cache
+def _kernel():
+    """train/loss_kernel.softmax_xent, or None with a warning when Triton cannot be imported."""
+    try:
+        from train import loss_kernel
+    except Exception as e:  # noqa: BLE001 - any import failure means the torch path
+        log.warning("loss: the Triton cross-entropy kernel is unavailable (%s: %s); the loss runs "
+                    "in torch, about 10 ms slower per 16 x 2048-token step at vocab 32000 on an H100",
+                    type(e).__name__, e)
+        return None
+    return loss_kernel.softmax_xent
+
+
+def _softmax_xent(logits: torch.Tensor, targets: torch.Tensor, grad: bool):
+    kernel = _kernel() if logits.is_cuda else None
+    return (kernel or softmax_xent_torch)(logits, targets, grad)
 
 
 def _add_product_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
@@ -51,13 +82,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for s in range(0, n, chunk):
             hc, tc = h[s:s + chunk], targets[s:s + chunk]
-            lsm = _log_softmax(hc, weight)
-            total += _nll_sum(lsm, tc)
-            # d(sum of losses)/d(logits) = softmax - one_hot, in place over the log-softmax; the
-            # mean's 1/n is applied inside the GEMMs (alpha), so no extra rounding step.
-            g = lsm.exp_()
-            g[torch.arange(g.shape[0], device=g.device), tc] -= 1.0
-            g = g.to(h.dtype)
+            # g = d(sum of losses)/d(logits); the mean's 1/n is applied inside the GEMMs (alpha),
+            # so no extra rounding step.
+            losses, g = _softmax_xent(hc @ weight.t(), tc, grad=True)
+            total += losses.sum()
             if want_h:
                 torch.addmm(grad_h[s:s + chunk], g, weight, beta=0, alpha=1.0 / n, out=grad_h[s:s + chunk])
             if want_w:
@@ -86,6 +114,6 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     chunk = chunk or CHUNK_TOKENS
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(h, weight, targets, chunk)
-    total = sum(_nll_sum(_log_softmax(h[s:s + chunk], weight), targets[s:s + chunk])
+    total = sum(_softmax_xent(h[s:s + chunk] @ weight.t(), targets[s:s + chunk], grad=False)[0].sum()
                 for s in range(0, h.shape[0], chunk))
     return total / h.shape[0]
