@@ -109,9 +109,12 @@ def linear_backward(ops, dy, weight, qt, scale_t, x, thr, counts, tile: int, thr
     """dX = dY W and dW = dY^T X (each None unless needed). A GEMM switched off (grad_input /
     grad_weight false) runs in dY's dtype; dW then needs X itself. `seeds`: stochastic rounding's
     seeds for dY's two quantizations (`next_seeds`), or None. With `swiglu`, dy is the gradient of
-    silu(gate) * up and `saved` what linear_forward kept for it."""
+    silu(gate) * up and `saved` what linear_forward kept for it. X's INT8 (qt, scale_t) is
+    taken from x here when the forward did not keep it (empty qt)."""
     seed_dx, seed_dw = (None, None) if seeds is None else (seeds[0:1], seeds[1:2])
     dx = dw = dyq = dyq_t = pre = None
+    if need_dw and grad_weight and qt.numel() == 0:  # the forward kept X itself (x_int8_in_backward)
+        qt, scale_t = ops.quantize_rows_t(x)
     both = need_dx and grad_input and need_dw and grad_weight  # both layouts of dY from one pair of reads
     if swiglu:  # the product's own gradient, with its statistics for quantize_grad (Triton path)
         dy, pre = ops.swiglu_grad(dy, *saved, swiglu == "int8", scale_t if both else None, tile, counts)
@@ -178,14 +181,15 @@ class _EagerLinear(torch.autograd.Function):
             if layer.budget():
                 layer._thr_used = thr.clone()
         pre = None if pre_rowmax is None else (pre_rowmax, pre_counts)
+        keep_x_int8 = layer.keeps_x_int8()
         with torch.autocast(x.device.type, enabled=False):
             y, qt, scale_t, *saved, out_pre = linear_forward(ops, x, weight, thr, counts, cfg.tile, cfg.threshold,
-                                                             cfg.fallback != "none", cfg.grad_weight, out_dtype,
+                                                             cfg.fallback != "none", keep_x_int8, out_dtype,
                                                              swiglu, pre, emit)
         if not rerun:
             layer._budget(FORWARD, counts)
         ctx.layer, ctx.ops, ctx.x_dtype, ctx.swiglu = layer, ops, x.dtype, swiglu
-        ctx.save_for_backward(weight, qt, scale_t, None if cfg.grad_weight else x, *saved)
+        ctx.save_for_backward(weight, qt, scale_t, None if keep_x_int8 else x, *saved)
         ctx.mark_non_differentiable(*out_pre)
         return y, *out_pre
 
@@ -220,6 +224,11 @@ class FQLinear(nn.Linear):
         self.fq_backend = backend  # kernels for CUDA tensors: "triton" or "reference"
         self.last_backend = None  # what the latest forward actually ran (tests and logs)
         self._thr_used = None  # the thresholds of the latest forward, under a budget (for its rerun)
+        # Quantize X for the weight gradient in the backward, from x itself, instead of keeping
+        # its INT8 from the forward: for a layer whose caller keeps x alive for its own backward
+        # anyway (o_proj: fused attention keeps its output), so the INT8 copy would be memory
+        # spent twice. Set on the nn.Linear before fq.convert, which carries it over.
+        self.x_int8_in_backward = False
         self._init_state(self.weight.device)
 
     def _init_state(self, device) -> None:
@@ -244,6 +253,7 @@ class FQLinear(nn.Linear):
                   config=config, name=name, backend=backend)
         new.weight = linear.weight
         new.bias = linear.bias
+        new.x_int8_in_backward = getattr(linear, "x_int8_in_backward", False)
         new._init_state(linear.weight.device)
         return new
 
@@ -256,6 +266,10 @@ class FQLinear(nn.Linear):
         if not self.fq_config.stochastic_rounding:
             return None
         return next_seeds(self.fq_seed_calls, self.fq_seed_base)
+
+    def keeps_x_int8(self) -> bool:
+        """Whether the forward keeps X's INT8 for the weight gradient (else the backward takes x)."""
+        return self.fq_config.grad_weight and not self.x_int8_in_backward
 
     def budget(self) -> float:
         """The target fallback ratio the thresholds adapt to; 0 unless fq.fallback=budget."""

@@ -42,12 +42,12 @@ CODE = source_hash()
 @triton_op("fq::linear", mutates_args=())
 def _linear(x: torch.Tensor, weight: torch.Tensor, thr: torch.Tensor, thr_state: torch.Tensor, stats: torch.Tensor,
             seed_calls: torch.Tensor, seed_base: torch.Tensor, tile: int, threshold: float, fallback: bool,
-            budget: float, grad_input: bool, grad_weight: bool, stochastic: bool,
+            budget: float, grad_input: bool, grad_weight: bool, stochastic: bool, keep_x_int8: bool,
             out_dtype: torch.dtype, swiglu: str, emit: bool, pre_rowmax: torch.Tensor | None,
             pre_counts: torch.Tensor | None,
             code: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                 torch.Tensor, torch.Tensor]:
-    """y, X's INT8 for dW (qt, scale_t; empty unless grad_weight), a fused SwiGLU's saved pair
+    """y, X's INT8 for dW (qt, scale_t; empty unless keep_x_int8, else the backward takes x), a fused SwiGLU's saved pair
     (empty without `swiglu`), counts, and with `emit` y's statistics for the next layer (rowmax,
     their counts; empty where the kernels do not take them). `pre_rowmax`, `pre_counts`: x's, from
     the layer before, or None. `thr`: the thresholds this call quantizes with;
@@ -57,7 +57,7 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, thr: torch.Tensor, thr_state:
     pre = None if pre_rowmax is None else (pre_rowmax, pre_counts)
     with triton_kernels.traceable_launches():
         y, qt, scale_t, saved, saved_scale, out_pre = linear_forward(triton_kernels, x, weight, thr, counts, tile,
-                                                                     threshold, fallback, grad_weight, out_dtype,
+                                                                     threshold, fallback, keep_x_int8, out_dtype,
                                                                      swiglu, pre, emit)
     return y, qt, scale_t, saved, saved_scale, counts, *out_pre
 
@@ -81,10 +81,10 @@ def _linear_backward(dy: torch.Tensor, weight: torch.Tensor, qt: torch.Tensor, s
 
 def _setup_context(ctx, inputs, output):
     (x, weight, _, thr, stats, seed_calls, seed_base, tile, threshold, fallback, budget, grad_input, grad_weight,
-     stochastic, _, swiglu, *_) = inputs
+     stochastic, keep_x_int8, _, swiglu, *_) = inputs
     _, qt, scale_t, saved, saved_scale, counts, rowmax, hcounts = output
     ctx.mark_non_differentiable(qt, scale_t, saved, saved_scale, counts, rowmax, hcounts)
-    ctx.save_for_backward(weight, qt, scale_t, None if grad_weight else x, saved, saved_scale)
+    ctx.save_for_backward(weight, qt, scale_t, None if keep_x_int8 else x, saved, saved_scale)
     # The layer's totals, thresholds and seed counter: updated in place by the backward, not
     # inputs to it.
     ctx.stats, ctx.thr = stats, thr
@@ -102,7 +102,7 @@ def _backward(ctx, dy, _qt, _scale_t, _saved, _saved_scale, _counts, _rowmax, _h
                                                   fallback, grad_input, grad_weight, need_dx, need_dw, ctx.x_dtype,
                                                   ctx.swiglu, saved, saved_scale, CODE)
     account(ctx.stats, ctx.thr, GRAD, counts, threshold, ctx.budget)
-    return (dx if need_dx else None, dw if need_dw else None) + (None,) * 18
+    return (dx if need_dx else None, dw if need_dw else None) + (None,) * 19
 
 
 _linear.register_autograd(_backward, setup_context=_setup_context)
@@ -121,6 +121,6 @@ def fq_linear(x: torch.Tensor, weight: torch.Tensor, layer, out_dtype: torch.dty
     y, *_, counts, rowmax, hcounts = torch.ops.fq.linear(
         x, weight, thr, layer.fq_thr, layer.fq_stats, layer.fq_seed_calls, layer.fq_seed_base, cfg.tile,
         cfg.threshold, cfg.fallback != "none", budget, cfg.grad_input, cfg.grad_weight, cfg.stochastic_rounding,
-        out_dtype, swiglu, emit, pre_rowmax, pre_counts, CODE)
+        layer.keeps_x_int8(), out_dtype, swiglu, emit, pre_rowmax, pre_counts, CODE)
     account(layer.fq_stats, layer.fq_thr, FORWARD, counts, cfg.threshold, budget)
     return y, rowmax, hcounts

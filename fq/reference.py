@@ -282,6 +282,14 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(_finite_only(xf * inv[:, None])).clamp(-QMAX, QMAX).to(torch.int8), scale
 
 
+def quantize_rows_t(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_rows written transposed: qt (K, M) int8, scale (M,). The weight gradient's X
+    when a layer quantizes it in the backward (FQLinear.x_int8_in_backward): the same digits and
+    scales as quantize_act(x, transposed=True)'s qt and scale_t."""
+    q, scale = quantize_rows(x)
+    return q.t().contiguous(), scale
+
+
 def quantize_cols_t(x: torch.Tensor, row_mult: torch.Tensor | None = None,
                     seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-column INT8 of (x * row_mult[:, None]), written transposed: q (N, M) int8, scale (N,).

@@ -491,12 +491,13 @@ def _col_absmax_kernel(x_ptr, s_xm, s_xk, M, K, mult_ptr, amax_ptr, HAS_MULT: tl
 
 @triton.jit
 def _col_quant_kernel(x_ptr, s_xm, s_xk, M, K, mult_ptr, amax_ptr, q_ptr, scale_ptr, seed_ptr,
-                      HAS_MULT: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
+                      HAS_MULT: tl.constexpr, STOCHASTIC: tl.constexpr, TRANSPOSED: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """quantize_cols_t's second pass: one (BLOCK_M, BLOCK_K) block of x * mult[row] at its
-    columns' scales, stored transposed into q (K, M). Blocks, not whole columns, per program:
-    a weight's column is strided, and a program reading a few whole columns used a fraction of
-    each memory sector it touched."""
+    columns' scales, stored transposed into q (K, M), or (not TRANSPOSED: quantize_rows_t, x
+    being X^T) as x is, into q (M, K). Blocks, not whole columns, per program: a weight's column
+    is strided, and a program reading a few whole columns used a fraction of each memory sector
+    it touched."""
     pid_m = tl.program_id(0)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -514,7 +515,10 @@ def _col_quant_kernel(x_ptr, s_xm, s_xk, M, K, mult_ptr, amax_ptr, q_ptr, scale_
         y = _mul(y, tl.load(mult_ptr + rows, mask=rows < M, other=1.0)[:, None])
     z = _mul(y, inv[None, :])
     z = tl.where((z == z) & (tl.abs(z) < float("inf")), z, 0.0)
-    offs = cols[None, :] * M + rows[:, None]  # as _store_transposed's: the same random bits
+    if TRANSPOSED:
+        offs = cols[None, :] * M + rows[:, None]  # as _store_transposed's: the same random bits
+    else:
+        offs = rows[:, None] * K + cols[None, :]
     q = tl.minimum(tl.maximum(_round(z, seed, offs, STOCHASTIC), -127.0), 127.0).to(tl.int8)
     tl.store(q_ptr + offs, q, mask=mask)
 
@@ -1013,11 +1017,11 @@ BLOCK_COLS = (64, 64, 4)
 
 
 def quantize_cols_t(x: torch.Tensor, row_mult: torch.Tensor | None = None,
-                    seed: Seed = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    seed: Seed = None, transposed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     x = _in_place(x)
     m, k = x.shape
     dev = x.device
-    q = torch.empty(k, m, dtype=torch.int8, device=dev)
+    q = torch.empty((k, m) if transposed else (m, k), dtype=torch.int8, device=dev)
     scale = torch.empty(k, dtype=torch.float32, device=dev)
     amax = torch.zeros(k, dtype=torch.float32, device=dev)
     mult = row_mult if row_mult is not None else scale
@@ -1026,8 +1030,15 @@ def quantize_cols_t(x: torch.Tensor, row_mult: torch.Tensor | None = None,
     flags = {"HAS_MULT": row_mult is not None, "BLOCK_M": bm, "BLOCK_K": bk, "num_warps": warps}
     _traceable(_col_absmax_kernel)[grid](x, x.stride(0), x.stride(1), m, k, mult, amax, **flags)
     _traceable(_col_quant_kernel)[grid](x, x.stride(0), x.stride(1), m, k, mult, amax, q, scale,
-                                        _seed_arg(seed, dev), STOCHASTIC=seed is not None, **flags)
+                                        _seed_arg(seed, dev), STOCHASTIC=seed is not None, TRANSPOSED=transposed,
+                                        **flags)
     return q, scale
+
+
+def quantize_rows_t(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row digits of x (M, K) written as (K, M): the per-column ones of the view x.t(),
+    stored as that view is laid out, by quantize_cols_t's two passes."""
+    return quantize_cols_t(x.t(), transposed=False)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -103,6 +103,31 @@ def test_saved_activations_are_int8():
     assert shaped_like_x and all(t.dtype == torch.int8 for t in shaped_like_x)
 
 
+def test_x_int8_in_backward_keeps_x_and_gives_the_same_gradients():
+    """The reference path; the model's o_proj is such a layer, and fq.convert carries the flag."""
+    lin = nn.Linear(128, 64, bias=False)
+    a = FQLinear.from_linear(lin, FQConfig(tile=32), "a", "reference")
+    lin.x_int8_in_backward = True
+    b = FQLinear.from_linear(lin, FQConfig(tile=32), "b", "reference")
+    assert b.x_int8_in_backward and not a.x_int8_in_backward
+    x = torch.randn(50, 128)
+    x[:, 7] *= 300.0  # fallback tiles
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        yb = b(xb)
+    assert [t for t in saved if t.shape == x.shape] and not [t for t in saved if t.dtype == torch.int8 and t.numel()]
+    ya = a(xa)
+    g = torch.randn_like(ya)
+    assert torch.equal(ya, yb)
+    for u, v in zip(torch.autograd.grad(ya, (xa, lin.weight), g), torch.autograd.grad(yb, (xb, lin.weight), g)):
+        assert torch.equal(u, v)
+    model = convert(Transformer(ModelConfig(dim=64, n_layers=1, n_heads=4, vocab_size=50, max_seq_len=16)),
+                    FQConfig(tile=32))
+    flagged = {n for n, m in model.named_modules() if isinstance(m, FQLinear) and m.x_int8_in_backward}
+    assert flagged == {"layers.0.attention.o_proj"}
+
+
 def test_per_gemm_switches_keep_bf16_path():
     torch.manual_seed(0)
     lin = nn.Linear(64, 48, bias=False)

@@ -117,6 +117,9 @@ def test_weight_quantization_of_odd_shapes_with_zero_nan_and_inf_lines(m, k):
         qa, sa = R.quantize_rows(x)
         qb, sb = T.quantize_rows(x)
         assert torch.equal(qa, qb) and same(sa, sb)
+        qa, sa = R.quantize_rows_t(x)
+        qb, sb = T.quantize_rows_t(x)
+        assert qb.shape == (k, m) and torch.equal(qa, qb) and same(sa, sb)
     qs, _ = T.quantize_cols_t(w, mult, seed=3)  # stochastic: within one step of the nearest digits
     assert (qs.int() - R.quantize_cols_t(w, mult)[0].int()).abs().max() <= 1
 
@@ -441,6 +444,41 @@ def test_down_proj_takes_the_statistics_of_h_from_the_gate_up_layer(swiglu):
         other(h, pre=pre)
     with pytest.raises(ValueError, match="return_stats"):
         up(x, return_stats=True)
+
+
+@pytest.mark.parametrize("tile,m,k", [(32, 70, 100), (128, 300, 129)])
+def test_backward_quantization_of_x_gives_the_forwards_digits(tile, m, k):
+    """x_int8_in_backward: quantize_rows_t in the backward stands for quantize_act's transposed
+    output in the forward, bit for bit, outliers, NaN and zero rows included."""
+    x = with_outliers(m, k, seed=m)
+    x[5] = 0.0
+    x[7, 3] = float("nan")
+    xq = T.quantize_act(x, tile, THR, 4.0, True, transposed=True)
+    qt, scale_t = T.quantize_rows_t(x)
+    assert torch.equal(qt, xq.qt) and same(scale_t, xq.scale_t)
+
+
+@pytest.mark.parametrize("compiled_op", [False, True])
+def test_layer_quantizing_x_in_the_backward_matches_the_default_layer(compiled_op):
+    """Same outputs and gradients, bit for bit, through the eager path and through fq/ops.py's op;
+    it keeps x itself for the backward, and no INT8 copy of it."""
+    from fq import ops
+    cfg = FQConfig(tile=32)
+    a = FQLinear(64, 96, bias=False, config=cfg, backend="triton").to(DEV)
+    b = FQLinear.from_linear(a, cfg, "b", "triton")
+    b.x_int8_in_backward = True
+    x = with_outliers(70, 64, seed=14)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        yb = ops.fq_linear(xb, b.weight, b, torch.float32)[0] if compiled_op else b(xb)
+    assert any(t.data_ptr() == xb.data_ptr() for t in saved)
+    assert not any(t.dtype == torch.int8 and t.numel() == x.numel() for t in saved)
+    ya = a(xa)
+    assert torch.equal(ya, yb)
+    g = rand(*ya.shape, seed=15)
+    for u, v in zip(torch.autograd.grad(ya, (xa, a.weight), g), torch.autograd.grad(yb, (xb, b.weight), g)):
+        assert torch.equal(u, v)
 
 
 def test_fqlinear_triton_path_matches_reference_path():

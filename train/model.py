@@ -56,6 +56,10 @@ class Attention(nn.Module):
         # Output rows: q (n_heads heads), then k and v (n_kv_heads heads each).
         self.qkv_proj = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * self.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+        # o_proj's input is SDPA's output, which the GPU's fused attention keeps for its own
+        # backward: under FQ the layer quantizes it for its weight gradient in the backward
+        # rather than keeping an INT8 copy (fq/linear.py; 0.5 GiB at 1B, 8 x 2048 tokens).
+        self.o_proj.x_int8_in_backward = True
 
     def forward(self, x, cos, sin):
         b, s, _ = x.shape
