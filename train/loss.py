@@ -22,10 +22,11 @@ import torch
 log = logging.getLogger("fqtrain.loss")
 
 # Tokens per chunk. Each chunk adds its share to W's FP32 gradient (a read and a write of
-# vocab x dim values), so small chunks are slow. On an H200 (tools/bench_loss.py, 2026-11-25, the
-# sum inside the GEMM) 2048 tokens cost 1-4% over the plain loss's time at vocab 32000 and 5.5%
-# at 128k, 1024 tokens 12-17%, 4096 nothing but 1.65-1.8x 2048's peak. One chunk's FP32
-# log-softmax is 2048 x vocab x 4 bytes: 250 MiB at 32k, 1 GiB at 128k.
+# vocab x dim values), so small chunks are slow. On the H100 (tools/bench_loss.py, 2026-11-25,
+# the softmax step in its kernel) 2048 tokens take 0.69-0.70x the plain loss's time at vocab
+# 32000 and 0.86x at 128k (dim 4096); 1024 tokens 0.8-0.93x, 4096 tokens 4-7% less than 2048
+# for 1.4-1.5x its peak. One chunk's BF16 logits are 2048 x vocab x 2 bytes: 125 MiB at 32k,
+# 500 MiB at 128k.
 CHUNK_TOKENS = 2048
 
 
