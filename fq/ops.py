@@ -47,10 +47,10 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, thr: torch.Tensor, thr_state:
             pre_counts: torch.Tensor | None,
             code: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                 torch.Tensor, torch.Tensor]:
-    """y, X's INT8 for dW (qt, scale_t; empty unless keep_x_int8, else the backward takes x), a fused SwiGLU's saved pair
-    (empty without `swiglu`), counts, and with `emit` y's statistics for the next layer (rowmax,
-    their counts; empty where the kernels do not take them). `pre_rowmax`, `pre_counts`: x's, from
-    the layer before, or None. `thr`: the thresholds this call quantizes with;
+    """y, X's INT8 for dW (qt, scale_t; empty unless keep_x_int8, else the backward takes x), a
+    fused SwiGLU's saved pair (empty without `swiglu`), counts, and with `emit` y's statistics for
+    the next layer (rowmax, their counts; empty where the kernels do not take them). `pre_rowmax`,
+    `pre_counts`: x's, from the layer before, or None. `thr`: the thresholds this call quantizes with;
     `thr_state` (the layer's), `stats`, the seed counter and base, `budget`, `grad_input` and
     `stochastic` are only carried to the backward; `code` is CODE."""
     counts = torch.zeros(NUM_STATS, dtype=torch.int64, device=x.device)
