@@ -458,10 +458,11 @@ def test_backward_quantization_of_x_gives_the_forwards_digits(tile, m, k):
     assert torch.equal(qt, xq.qt) and same(scale_t, xq.scale_t)
 
 
-@pytest.mark.parametrize("compiled_op", [False, True])
-def test_layer_quantizing_x_in_the_backward_matches_the_default_layer(compiled_op):
-    """Same outputs and gradients, bit for bit, through the eager path and through fq/ops.py's op;
-    it keeps x itself for the backward, and no INT8 copy of it."""
+@pytest.mark.parametrize("through_op", [False, True])
+def test_layer_quantizing_x_in_the_backward_matches_the_default_layer(through_op):
+    """Same outputs and gradients, bit for bit, through the eager path and through fq/ops.py's op
+    (what torch.compile traces, run eagerly here); it keeps x itself for the backward, and no
+    INT8 copy of it."""
     from fq import ops
     cfg = FQConfig(tile=32)
     a = FQLinear(64, 96, bias=False, config=cfg, backend="triton").to(DEV)
@@ -471,7 +472,7 @@ def test_layer_quantizing_x_in_the_backward_matches_the_default_layer(compiled_o
     xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        yb = ops.fq_linear(xb, b.weight, b, torch.float32)[0] if compiled_op else b(xb)
+        yb = ops.fq_linear(xb, b.weight, b, torch.float32)[0] if through_op else b(xb)
     assert any(t.data_ptr() == xb.data_ptr() for t in saved)
     assert not any(t.dtype == torch.int8 and t.numel() == x.numel() for t in saved)
     ya = a(xa)
