@@ -17,7 +17,9 @@
   reads them twice.
 - `_col_absmax_kernel`, `_col_quant_kernel`: per-column INT8, written transposed (a weight for the
   input gradient; dY for the weight gradient only when the input-gradient GEMM is not quantized,
-  else `quantize_grad` writes it): column maxima by atomics, then digits, block by block.
+  else `quantize_grad` writes it): column maxima by atomics, then digits, block by block. On the
+  view X^T, stored untransposed, the same two give `quantize_rows_t` (X for the weight gradient
+  of a layer that quantizes it in the backward).
 - `_fq_gemm_tma_kernel`: INT8 tl.dot into one INT32 accumulator, row x column scales in the
   epilogue, over every tile's first digit (the weight-gradient GEMM, plain row-wise X, is only
   this); persistent, operands through TMA descriptors (sm_90+, 16-byte aligned rows). On Hopper
