@@ -183,10 +183,8 @@ def _swiglu_kernel(y_ptr, s_ym, s_yk, h_ptr, q_ptr, qs_ptr, M, F, G, KT, TILES, 
     g = tl.load(yr, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(yr + F * s_yk, mask=mask, other=0.0).to(tl.float32)
     h = (g * tl.sigmoid(g) * u).to(h_ptr.dtype.element_ty)
-    tl.store(h_ptr + rows[:, None] * F + j[None, :], h, mask=mask)
-    if INT8:
-        _swiglu_save_int8(g, rows, j, M, F, G, pid_k, mask, q_ptr, qs_ptr)
-        _swiglu_save_int8(u, rows, F + j, M, F, G, G + pid_k, mask, q_ptr, qs_ptr)
+    # h's statistics before the INT8 saves, which then no longer hold h in registers: on the H100
+    # (2026-11-25, M = 32768, F = 8192) INT8 with statistics took 850 us instead of 955.
     if STATS:
         hf = h.to(tl.float32)
         ah = tl.where(hf != hf, float("inf"), tl.abs(hf))
@@ -198,6 +196,10 @@ def _swiglu_kernel(y_ptr, s_ym, s_yk, h_ptr, q_ptr, qs_ptr, M, F, G, KT, TILES, 
             tl.atomic_add(stats_ptr + 3, bad.to(tl.int64))
         if (pid_k == 0) & (tl.program_id(1) == 0):
             tl.atomic_add(stats_ptr + 4, tl.full((), 0, tl.int64) + TILES)
+    tl.store(h_ptr + rows[:, None] * F + j[None, :], h, mask=mask)
+    if INT8:
+        _swiglu_save_int8(g, rows, j, M, F, G, pid_k, mask, q_ptr, qs_ptr)
+        _swiglu_save_int8(u, rows, F + j, M, F, G, G + pid_k, mask, q_ptr, qs_ptr)
 
 
 @triton.jit
@@ -882,7 +884,8 @@ def swiglu(y: torch.Tensor, int8: bool, tile: int, with_stats: bool):
     rowmax = torch.empty(m, kt, dtype=torch.float32, device=dev) if with_stats else _unused(dev)
     counts = torch.zeros(NUM_STATS, dtype=torch.int64, device=dev) if with_stats else _unused(dev)
     # 16 rows, 4 warps, as _swiglu_grad_kernel: on the H100 (2026-11-24, M = 32768, F = 8192) 530 us
-    # without statistics and 542 with them, against 526 for inductor's SwiGLU; INT8 984 against 1062.
+    # without statistics and 542 with them, against 526 for inductor's SwiGLU; INT8 984 against 1062
+    # (850 since 2026-11-25; 8 rows and 2 warps 840, 32 and 8 948: kept at 16 and 4 for BF16).
     rows = 16
     yk = _in_place(y)  # y itself is what the bf16 backward keeps: an op may not return a view
     _traceable(_swiglu_kernel)[(g, triton.cdiv(m, rows))](
