@@ -1,7 +1,7 @@
 import torch
 
 from train.config import ModelConfig, ffn_hidden
-from train.model import Transformer, apply_rope, flops_per_token, num_params, rope_tables
+from train.model import RMSNorm, Transformer, apply_rope, flops_per_token, num_params, rope_tables
 
 CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, max_seq_len=32)
 
@@ -50,6 +50,28 @@ def test_gqa_attention_matches_explicitly_repeated_heads():
     (gx,) = torch.autograd.grad(out.square().sum(), x)
     (gr,) = torch.autograd.grad(ref.square().sum(), x)
     torch.testing.assert_close(gx, gr, rtol=1e-5, atol=1e-6)
+
+
+def test_rmsnorm_in_bf16_is_float64_math_rounded_once():
+    # bf16 activations and gain, as under FSDP's mixed precision: each output is float64's
+    # x / rms(x) * g within half a bf16 step (rounding x / rms(x) first would exceed it), and the
+    # gradients of x and g are float64's within bf16's precision.
+    torch.manual_seed(0)
+    norm = RMSNorm(64, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64) * 3)
+    x = (torch.randn(9, 64) * torch.logspace(-3, 3, 9)[:, None]).bfloat16().requires_grad_()
+    y = norm(x)
+    assert y.dtype == torch.bfloat16
+    x64 = x.detach().double().requires_grad_()
+    g64 = norm.weight.detach().bfloat16().double().requires_grad_()
+    ref = x64 * torch.rsqrt(x64.square().mean(-1, keepdim=True) + 1e-5) * g64
+    assert ((y.double() - ref).abs() <= ref.abs() * 2.0**-8 * 1.0001).all()
+    dy = torch.randn(9, 64)
+    y.backward(dy.bfloat16())
+    ref.backward(dy.bfloat16().double())
+    for got, want in ((x.grad, x64.grad), (norm.weight.grad, g64.grad)):
+        assert ((got.double() - want).norm() / want.norm()) < 1e-2
 
 
 def test_rope_rotates_each_pair_by_position_times_frequency():
